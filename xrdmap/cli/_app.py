@@ -1,0 +1,84 @@
+"""The typer application, error handling and shared option helpers."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from xrdmap import __version__
+from xrdmap.errors import XrdmapError
+
+err_console = Console(stderr=True)
+
+app = typer.Typer(
+    name="xrdmap",
+    help=(
+        "From synchrotron total-scattering detector frames to phase maps.\n\n"
+        "Typical line scan: `xrdmap calibrate` a CeO2 image -> `xrdmap integrate` the scan "
+        "-> `xrdmap pdf` -> `xrdmap decompose` -> `xrdmap plot`; or all at once with "
+        "`xrdmap run CONFIG.yaml`. Try `xrdmap demo` first."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"xrdmap {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """From synchrotron total-scattering detector frames to phase maps."""
+
+
+def parse_range(text: str | None, name: str) -> tuple[float, float] | None:
+    """Parse ``"a,b"`` into a float pair, naming the option when it is malformed."""
+    from xrdmap.errors import InputError
+
+    if text is None:
+        return None
+    parts = text.split(",")
+    try:
+        lo, hi = (float(p) for p in parts)
+    except ValueError:
+        raise InputError(f"{name} {text!r}: expected two numbers 'a,b' with a < b") from None
+    if not lo < hi:
+        raise InputError(f"{name} {text!r}: expected a < b")
+    return lo, hi
+
+
+def main() -> None:
+    """Entry point: run the app, turning xrdmap errors into one-line messages."""
+    try:
+        app(standalone_mode=False)
+    except XrdmapError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/]: finished work was kept; run again to resume")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(2)
+        if isinstance(exc, click.exceptions.Abort):
+            err_console.print("[bold red]interrupted[/]")
+            sys.exit(130)
+        raise
