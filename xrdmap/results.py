@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
-from xrdmap.errors import OutputError
+import h5py
+import numpy as np
+import xarray as xr
 
-__all__ = ["atomic_output"]
+from xrdmap.errors import InputError, OutputError
+
+__all__ = ["atomic_output", "save_result", "open_result", "provenance"]
 
 
 @contextlib.contextmanager
@@ -41,3 +49,221 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# --------------------------------------------------------------------------------------
+# NeXus result files
+# --------------------------------------------------------------------------------------
+
+RESULT_FORMAT = "xrdmap-result/1"
+_PROCESS = "entry/process"
+_COORDS = "entry/process/coordinates"
+_JSON_PREFIX = "json:"
+
+
+def provenance(config: Mapping[str, Any] | None = None, inputs: Iterable[str | Path] = ()) -> dict[str, Any]:
+    """Provenance attributes: software versions, the configuration and input checksums.
+
+    Parameters
+    ----------
+    config
+        The full configuration used (stored as JSON).
+    inputs
+        Input files; each is recorded with its sha256 checksum.
+    """
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for pkg in ("xrdmap", "pyFAI", "numpy", "scipy", "xarray", "dask", "h5py", "scikit-learn", "fabio"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    checksums = {str(p): _sha256(Path(p)) for p in inputs if Path(p).is_file()}
+    return {
+        "software_versions": versions,
+        "python": platform.python_version(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "configuration": dict(config or {}),
+        "input_checksums": checksums,
+    }
+
+
+def _sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _attr_out(value: Any) -> Any:
+    """HDF5-storable form of an attribute value (JSON text for anything structured)."""
+    if isinstance(value, (str, int, float, bool, np.integer, np.floating, np.bool_)):
+        return value
+    if isinstance(value, np.ndarray) and value.dtype.kind in "iufb":
+        return value
+    return _JSON_PREFIX + json.dumps(value, default=_json_default)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot store {type(obj).__name__} in a result attribute")
+
+
+def _attr_in(value: Any) -> Any:
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, str) and value.startswith(_JSON_PREFIX):
+        return json.loads(value[len(_JSON_PREFIX):])
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _write_array(group, name: str, values: np.ndarray):
+    if values.dtype.kind in "OUS":
+        data = np.asarray(values, dtype=object).astype(str).astype(object)
+        return group.create_dataset(name, data=data, dtype=h5py.string_dtype())
+    if values.dtype.kind == "M":
+        values = values.astype("datetime64[ns]").astype(np.int64)
+    kwargs = {}
+    if values.size >= 4096:
+        kwargs = {"compression": "gzip", "compression_opts": 4, "shuffle": True, "chunks": True}
+    return group.create_dataset(name, data=values, **kwargs)
+
+
+def _read_array(dset) -> np.ndarray:
+    if h5py.check_string_dtype(dset.dtype) is not None:
+        return np.asarray(dset.asstr()[()], dtype=object).astype(str)
+    return dset[()]
+
+
+def save_result(ds: xr.Dataset, path: str | Path) -> Path:
+    """Write a result Dataset as one NeXus/HDF5 file, atomically.
+
+    Layout: ``/entry`` (NXentry) -> ``/entry/process`` (NXprocess, provenance in its
+    attributes) -> one NXdata group per variable with ``signal`` and ``axes`` attributes,
+    so that silx view or h5web plot it without xrdmap. Coordinates are stored once in
+    ``/entry/process/coordinates`` and hard-linked into each NXdata group.
+    Dask-backed variables are computed here.
+
+    Returns the path written. The file at ``path`` is replaced only once the new file
+    is complete.
+    """
+    if not isinstance(ds, xr.Dataset):
+        raise InputError(f"save_result expected an xarray.Dataset, got {type(ds).__name__}")
+    target = Path(path)
+    with atomic_output(target) as tmp, h5py.File(tmp, "w") as fh:
+        fh.attrs["NX_class"] = "NXroot"
+        fh.attrs["creator"] = "xrdmap"
+        fh.attrs["file_name"] = target.name
+        fh.attrs["file_time"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        fh.attrs["default"] = "entry"
+        entry = fh.create_group("entry")
+        entry.attrs["NX_class"] = "NXentry"
+        entry.create_dataset("definition", data=RESULT_FORMAT)
+        process = fh.create_group(_PROCESS)
+        process.attrs["NX_class"] = "NXprocess"
+        process.create_dataset("program", data="xrdmap")
+        process.create_dataset("version", data=_xrdmap_version())
+        for key, value in ds.attrs.items():
+            process.attrs[key] = _attr_out(value)
+        coords = fh.create_group(_COORDS)
+        coords.attrs["NX_class"] = "NXcollection"
+        for name, coord in ds.coords.items():
+            dset = _write_array(coords, str(name), np.asarray(coord.values))
+            dset.attrs["xrdmap_dims"] = list(map(str, coord.dims))
+            for k, v in coord.attrs.items():
+                dset.attrs[k] = _attr_out(v)
+        for name, var in ds.data_vars.items():
+            _write_nxdata(process, coords, str(name), var, ds)
+        default = next((v for v in ("phase_fraction", "iq", "gr") if v in ds.data_vars), None)
+        if default:
+            entry.attrs["default"] = f"process/{default}"
+            process.attrs["default"] = default
+    return target
+
+
+def _write_nxdata(process, coords, name: str, var: xr.DataArray, ds: xr.Dataset) -> None:
+    group = process.create_group(name)
+    group.attrs["NX_class"] = "NXdata"
+    group.attrs["signal"] = "data"
+    values = np.asarray(var.values)
+    dset = _write_array(group, "data", values)
+    dset.attrs["xrdmap_dims"] = list(map(str, var.dims))
+    dset.attrs["long_name"] = str(var.attrs.get("long_name", name))
+    for k, v in var.attrs.items():
+        dset.attrs[k] = _attr_out(v)
+    axes = []
+    for i, dim in enumerate(var.dims):
+        axis = _plot_axis(ds, str(dim))
+        if axis is None:
+            axes.append(".")
+            continue
+        group[axis] = coords[axis]  # hard link: stored once
+        group.attrs[f"{axis}_indices"] = i
+        axes.append(axis)
+    group.attrs["axes"] = axes if len(axes) != 1 else axes[0]
+    # non-dimension coordinates of this variable (e.g. time beside position), linked too
+    for cname, coord in ds.coords.items():
+        cname = str(cname)
+        if cname not in group and set(coord.dims) and set(coord.dims) <= set(var.dims):
+            if coords[cname].dtype.kind in "iuf":
+                group[cname] = coords[cname]
+                group.attrs[f"{cname}_indices"] = [var.dims.index(d) for d in coord.dims]
+
+
+def _plot_axis(ds: xr.Dataset, dim: str) -> str | None:
+    """The numeric coordinate to plot along ``dim`` (position/time for points)."""
+    candidates = ("position", "time", "point") if dim == "point" else (dim,)
+    for c in candidates:
+        if c in ds.coords and ds.coords[c].dims == (dim,) and ds.coords[c].dtype.kind in "iuf":
+            return c
+    return None
+
+
+def open_result(path: str | Path) -> xr.Dataset:
+    """Open a result file written by :func:`save_result` as an ``xarray.Dataset``."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"result file {str(p)!r} does not exist")
+    try:
+        fh = h5py.File(p, "r")
+    except OSError as exc:
+        raise InputError(f"result file {str(p)!r} is not a readable HDF5 file ({exc})") from None
+    with fh:
+        if _PROCESS not in fh or _COORDS not in fh:
+            raise InputError(
+                f"result file {str(p)!r} is not an xrdmap result (no /{_PROCESS}); "
+                "expected a file written by `xrdmap integrate`/`xrdmap run`"
+            )
+        process = fh[_PROCESS]
+        coords = {}
+        for name, dset in fh[_COORDS].items():
+            attrs = {k: _attr_in(v) for k, v in dset.attrs.items() if k != "xrdmap_dims"}
+            coords[name] = xr.Variable(tuple(_attr_in(dset.attrs["xrdmap_dims"])), _read_array(dset), attrs)
+        data_vars = {}
+        for name, group in process.items():
+            if name == "coordinates" or not isinstance(group, h5py.Group) or "data" not in group:
+                continue
+            dset = group["data"]
+            dims = tuple(_attr_in(dset.attrs["xrdmap_dims"]))
+            attrs = {k: _attr_in(v) for k, v in dset.attrs.items() if k != "xrdmap_dims"}
+            if attrs.get("long_name") == name:
+                attrs.pop("long_name")
+            data_vars[name] = xr.Variable(dims, _read_array(dset), attrs)
+        attrs = {k: _attr_in(v) for k, v in process.attrs.items() if k not in ("NX_class", "default")}
+    return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+
+
+def _xrdmap_version() -> str:
+    from xrdmap import __version__
+
+    return __version__

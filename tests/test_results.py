@@ -1,0 +1,112 @@
+"""Result files: NeXus layout, exact round trip, atomic replacement, clear errors."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import xarray as xr
+
+from xrdmap.errors import InputError, OutputError
+from xrdmap.results import atomic_output, open_result, provenance, save_result
+
+
+@pytest.fixture
+def result() -> xr.Dataset:
+    rng = np.random.default_rng(1)
+    n, nq = 7, 50
+    ds = xr.Dataset(
+        {
+            "iq": (("point", "q"), rng.random((n, nq))),
+            "iq_sigma": (("point", "q"), rng.random((n, nq)).astype(np.float32)),
+            "phase_fraction": (("point", "phase"), rng.random((n, 3))),
+            "component_phase": (("component",), np.array(["LVP", "unassigned"])),
+            "masked_pixels": (("point",), np.arange(n, dtype=np.int64)),
+        },
+        coords={
+            "point": np.arange(n),
+            "position": ("point", np.linspace(0.0, 0.6, n), {"units": "mm"}),
+            "monitor": ("point", rng.uniform(0.9, 1.1, n)),
+            "q": ("q", np.linspace(0.5, 25.0, nq), {"units": "1/angstrom"}),
+            "phase": ["LVP", "LATP", "Li3PO4"],
+        },
+        attrs={"configuration": {"npt": 50, "ranges": [[1, 15]]}, "pyfai_method": "bbox,csr,cython"},
+    )
+    ds["iq"].attrs["units"] = "arb. units"
+    return ds
+
+
+def test_round_trip_is_exact(tmp_path, result):
+    path = save_result(result, tmp_path / "r.h5")
+    back = open_result(path)
+    xr.testing.assert_identical(back, result)
+    assert back["iq_sigma"].dtype == np.float32
+
+
+def test_layout_is_plottable_nexus(tmp_path, result):
+    path = save_result(result, tmp_path / "r.h5")
+    with h5py.File(path, "r") as fh:
+        assert fh.attrs["default"] == "entry"
+        assert fh["entry"].attrs["NX_class"] == "NXentry"
+        assert fh["entry/process"].attrs["NX_class"] == "NXprocess"
+        default = fh["entry"].attrs["default"]
+        group = fh["entry"][default]
+        assert group.attrs["NX_class"] == "NXdata"
+        iq = fh["entry/process/iq"]
+        assert iq.attrs["signal"] == "data"
+        assert list(iq.attrs["axes"]) == ["position", "q"]
+        # the axis datasets have the length of the signal's dimensions
+        assert iq["position"].shape == (7,)
+        assert iq["q"].shape == (50,)
+        np.testing.assert_array_equal(iq["data"][()], result["iq"].values)
+
+
+def test_failed_write_keeps_previous_file(tmp_path, result):
+    path = save_result(result, tmp_path / "r.h5")
+    bad = result.assign(broken=(("point",), np.array([object()] * 7, dtype=object)))
+    bad["broken"].attrs["note"] = {1, 2}  # a set is not storable: the write fails midway
+    with pytest.raises(TypeError):
+        save_result(bad, path)
+    xr.testing.assert_identical(open_result(path), result)
+    assert [p.name for p in tmp_path.iterdir()] == ["r.h5"]
+
+
+def test_atomic_output_removes_partial_on_error(tmp_path):
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_output(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("interrupted")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+def test_output_in_missing_directory_is_an_output_error(tmp_path, result):
+    with pytest.raises(OutputError, match="does not exist"):
+        save_result(result, tmp_path / "nope" / "r.h5")
+
+
+def test_open_result_errors_name_the_file(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        open_result(tmp_path / "missing.h5")
+    notes = tmp_path / "notes.h5"
+    notes.write_text("not hdf5")
+    with pytest.raises(InputError, match="notes.h5"):
+        open_result(notes)
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as fh:
+        fh["x"] = 1
+    with pytest.raises(InputError, match="not an xrdmap result"):
+        open_result(other)
+
+
+def test_provenance_records_versions_and_checksums(tmp_path):
+    f = tmp_path / "input.bin"
+    f.write_bytes(b"abc")
+    prov = provenance({"npt": 10}, inputs=[f])
+    # sha256("abc") from FIPS 180-2, appendix B.1
+    assert prov["input_checksums"][str(f)] == (
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    )
+    assert "pyFAI" in prov["software_versions"]
+    assert prov["configuration"] == {"npt": 10}
