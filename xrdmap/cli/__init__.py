@@ -6,8 +6,6 @@ module of this package and registers itself on :data:`app`.
 
 from __future__ import annotations
 
-from xrdmap.cli._app import app, main
-
 # Importing the command modules registers their commands on ``app``.
 from xrdmap.cli import (  # noqa: F401,E402
     calibrate_cmd,
@@ -19,5 +17,6 @@ from xrdmap.cli import (  # noqa: F401,E402
     run_cmd,
     simulate_cmd,
 )
+from xrdmap.cli._app import app, main
 
 __all__ = ["app", "main"]
