@@ -6,6 +6,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from xrdmap import __version__
 from xrdmap.errors import XrdmapError
@@ -59,26 +60,13 @@ def parse_range(text: str | None, name: str) -> tuple[float, float] | None:
 
 
 def main() -> None:
-    """Entry point: run the app, turning xrdmap errors into one-line messages."""
-    try:
-        app(standalone_mode=False)
-    except XrdmapError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        err_console.print("[bold red]interrupted[/]: finished work was kept; run again to resume")
-        sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as exc:  # click usage errors and the like
-        import click
+    """Entry point: run the app, turning xrdmap errors into one-line messages.
 
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(2)
-        if isinstance(exc, click.exceptions.Abort):
-            err_console.print("[bold red]interrupted[/]")
-            sys.exit(130)
-        raise
+    Exit codes are those of :mod:`xrdmap.errors`; typer itself exits 2 on usage errors
+    and 130 on Ctrl-C.
+    """
+    try:
+        app()
+    except XrdmapError as exc:
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
