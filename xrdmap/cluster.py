@@ -1,0 +1,82 @@
+"""Where the work runs: in-process, a local dask cluster, a running scheduler, or SLURM.
+
+The same configuration runs in all four places; only :func:`dask_client` differs. Stage
+functions never see dask clients: the pipeline builds one graph over scan points and
+hands it to whatever client this returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from xrdmap.errors import ConfigError
+
+__all__ = ["dask_client"]
+
+
+@contextlib.contextmanager
+def dask_client(
+    *,
+    workers: int = 2,
+    threads_per_worker: int = 1,
+    scheduler: str | None = None,
+    cluster: str = "local",
+    slurm: dict[str, Any] | None = None,
+    jobs: int = 2,
+    memory_limit: str | None = "auto",
+) -> Iterator[Any]:
+    """Yield a ``distributed.Client`` (or ``None`` for in-process work) and clean up.
+
+    Parameters
+    ----------
+    workers
+        Processes of a local cluster; ``0`` runs everything in this process.
+    scheduler
+        Address of a running scheduler (``tcp://host:8786``); overrides ``workers``.
+    cluster
+        ``"local"`` or ``"slurm"`` (dask-jobqueue's ``SLURMCluster(**slurm)`` scaled to
+        ``jobs`` jobs).
+    """
+    if scheduler:
+        from distributed import Client
+
+        try:
+            client = Client(scheduler, timeout="20s")
+        except OSError as exc:
+            raise ConfigError(f"compute.scheduler {scheduler!r}: cannot connect ({exc})") from None
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    if cluster == "slurm":
+        try:
+            from dask_jobqueue import SLURMCluster
+        except ImportError:
+            raise ConfigError(
+                "compute.cluster 'slurm' needs dask-jobqueue: pip install 'xrdmap[cluster]'"
+            ) from None
+        from distributed import Client
+
+        with SLURMCluster(**(slurm or {})) as slurm_cluster:
+            slurm_cluster.scale(jobs=jobs)
+            with Client(slurm_cluster) as client:
+                yield client
+        return
+    if cluster != "local":
+        raise ConfigError(f"compute.cluster {cluster!r}: expected 'local' or 'slurm'")
+    if workers == 0:
+        yield None
+        return
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(
+        n_workers=workers,
+        threads_per_worker=threads_per_worker,
+        processes=True,
+        memory_limit=memory_limit,
+        dashboard_address=":0",
+    ) as local, Client(local) as client:
+        yield client

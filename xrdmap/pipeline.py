@@ -1,0 +1,457 @@
+"""The whole pipeline: frames -> I(Q) -> background -> PDF -> NMF -> phases -> maps.
+
+:func:`run` composes the stage functions. Integration, the only stage whose cost grows
+with the frames, runs as one dask graph over chunks of scan points; each finished chunk
+is checkpointed next to the output (``<output>.checkpoint/``), so a run that is killed
+and started again recomputes only the chunks that were not finished. Everything after
+integration is vectorised over all points at once and takes seconds.
+
+The output path only ever holds a complete result: it is written to a temporary file
+and renamed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from xrdmap.config import RunConfig
+from xrdmap.errors import InputError
+
+__all__ = ["run", "RunOutputs", "integrate_checkpointed"]
+
+Log = Callable[[str], None]
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class RunOutputs:
+    """What a run wrote."""
+
+    result: Path
+    figures: list[Path] = field(default_factory=list)
+    report: Path | None = None
+    exports: list[Path] = field(default_factory=list)
+    dataset: xr.Dataset | None = None
+
+
+def _quiet(_: str) -> None:
+    return None
+
+
+def run(config: RunConfig, *, log: Log = _quiet, progress: Progress | None = None) -> RunOutputs:
+    """Run every stage of ``config`` and write the result, figures and report.
+
+    Parameters
+    ----------
+    config
+        A validated :class:`xrdmap.config.RunConfig` (paths already resolved).
+    log
+        Called with one-line human-readable messages (the CLI prints them).
+    progress
+        Called as ``progress(done_chunks, total_chunks)`` during integration.
+    """
+    from xrdmap.cluster import dask_client
+
+    out_path = Path(config.output.path)
+    if not out_path.parent.is_dir():
+        from xrdmap.errors import OutputError
+
+        raise OutputError(f"output.path {str(out_path)!r}: directory {str(out_path.parent)!r} does not exist")
+
+    scan = _open_scan(config)
+    log(f"scan: {scan.sizes['point']} frames of {scan.sizes['y']} x {scan.sizes['x']} px from {config.scan.source}")
+    c = config.compute
+    with dask_client(
+        workers=c.workers, threads_per_worker=c.threads_per_worker, scheduler=c.scheduler,
+        cluster=c.cluster, slurm=c.slurm, jobs=c.jobs, memory_limit=c.memory_limit,
+    ) as client:
+        if client is not None:
+            log(f"dask dashboard: {client.dashboard_link}")
+        ds = integrate_checkpointed(scan, config, client=client, log=log, progress=progress)
+        background = _integrated_background(config, client)
+    ds = bin_points(ds, config.scan.time_bin, config.scan.time_window)
+    ds = analyse(ds, config, background=background, log=log)
+    ds.attrs.update(_provenance(config))
+
+    from xrdmap.results import save_result
+
+    save_result(ds, out_path)
+    log(f"result: {out_path}")
+    outputs = RunOutputs(result=out_path, dataset=ds)
+    outputs.figures, outputs.report, outputs.exports = _write_products(ds, config, out_path, log)
+    if not config.output.keep_checkpoints:
+        shutil.rmtree(_checkpoint_dir(out_path), ignore_errors=True)
+    return outputs
+
+
+def _open_scan(config: RunConfig) -> xr.DataArray:
+    from xrdmap.io import open_scan
+
+    s = config.scan
+    return open_scan(
+        s.source, frames_path=s.frames_path, positions_path=s.positions_path,
+        times_path=s.times_path, monitor_path=s.monitor_path, positions=s.positions,
+        times=s.times, chunk_frames=s.chunk_frames,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# integration with checkpoints
+# --------------------------------------------------------------------------------------
+
+
+def _checkpoint_dir(out_path: Path) -> Path:
+    return out_path.with_name(out_path.name + ".checkpoint")
+
+
+def _file_signature(path: str | None) -> Any:
+    """Cheap identity of an input file: size and modification time (not its content)."""
+    if path is None or "://" in str(path):
+        return path
+    p = Path(path)
+    if not p.exists():
+        return str(p)
+    st = p.stat()
+    return [str(p.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def _integration_key(scan: xr.DataArray, config: RunConfig) -> str:
+    """Hash of everything that changes integrated numbers: inputs and parameters."""
+    src = config.scan.source
+    sources = src if isinstance(src, list) else [src]
+    payload = {
+        "scan": config.scan.model_dump(exclude={"time_bin", "time_window"}),
+        "sources": [_file_signature(s) for s in sources],
+        "geometry": {k: _file_signature(v) for k, v in config.geometry.model_dump().items()},
+        "integration": config.integration.model_dump(),
+        "shape": [int(v) for v in scan.shape],
+        "chunks": [int(c) for c in scan.chunks[0]],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _integrate_kwargs(config: RunConfig) -> dict[str, Any]:
+    g, i = config.geometry, config.integration
+    return dict(
+        mask=g.mask, dark=g.dark, flat=g.flat, npt=i.npt,
+        q_range=tuple(i.q_range) if i.q_range else None,
+        polarization_factor=i.polarization_factor, error_model=i.error_model,
+    )
+
+
+def integrate_checkpointed(
+    scan: xr.DataArray,
+    config: RunConfig,
+    *,
+    client: Any = None,
+    log: Log = _quiet,
+    progress: Progress | None = None,
+) -> xr.Dataset:
+    """Integrate every frame, saving each finished chunk under ``<output>.checkpoint/``.
+
+    Chunks already present from an earlier, interrupted run with the same inputs and
+    parameters are loaded instead of recomputed.
+    """
+    import dask
+
+    from xrdmap.integrate import integrate_scan
+
+    lazy = integrate_scan(scan, config.geometry.poni, **_integrate_kwargs(config))
+    ckpt = _checkpoint_dir(Path(config.output.path))
+    key = _integration_key(scan, config)
+    key_file = ckpt / "key.json"
+    if ckpt.exists() and (not key_file.is_file() or json.loads(key_file.read_text()).get("key") != key):
+        log(f"checkpoints in {ckpt} belong to other inputs or parameters: discarding them")
+        shutil.rmtree(ckpt)
+    ckpt.mkdir(exist_ok=True)
+    if not key_file.is_file():
+        key_file.write_text(json.dumps({"key": key}))
+
+    names = [n for n in ("iq", "iq_sigma", "masked_pixels") if n in lazy.data_vars]
+    point_chunks = lazy["iq"].chunks[0]
+    bounds = np.concatenate([[0], np.cumsum(point_chunks)]).astype(int)
+    n_chunks = len(point_chunks)
+
+    def chunk_file(i: int) -> Path:
+        return ckpt / f"chunk_{i:06d}.npz"
+
+    pending = [i for i in range(n_chunks) if not chunk_file(i).is_file()]
+    done = n_chunks - len(pending)
+    if done:
+        log(f"resuming: {done} of {n_chunks} chunks already integrated")
+    if progress:
+        progress(done, n_chunks)
+
+    def block(i: int) -> list:
+        sl = slice(int(bounds[i]), int(bounds[i + 1]))
+        return [lazy[n].data[sl] for n in names]
+
+    def save(i: int, arrays) -> None:
+        tmp = ckpt / f".chunk_{i:06d}.tmp.npz"
+        np.savez(tmp, **{n: np.asarray(a) for n, a in zip(names, arrays)})
+        tmp.replace(chunk_file(i))
+
+    if client is None:
+        for i in pending:
+            save(i, dask.compute(*block(i), scheduler="sync"))
+            done += 1
+            if progress:
+                progress(done, n_chunks)
+    elif pending:
+        from distributed import as_completed
+
+        futures = {}
+        for i in pending:
+            fut = client.compute(block(i))
+            futures[fut] = i
+        for fut in as_completed(list(futures)):
+            save(futures[fut], fut.result())
+            done += 1
+            if progress:
+                progress(done, n_chunks)
+
+    loaded = [np.load(chunk_file(i)) for i in range(n_chunks)]
+    data = {n: np.concatenate([f[n] for f in loaded]) for n in names}
+    ds = lazy.copy()
+    for n in names:
+        ds[n] = (lazy[n].dims, data[n], lazy[n].attrs)
+    return ds
+
+
+def _integrated_background(config: RunConfig, client: Any) -> xr.DataArray | None:
+    """The background as I(Q): read from a 1-D pattern or integrated from frames."""
+    bg = config.background
+    if bg.file is None:
+        return None
+    path = Path(bg.file)
+    if not path.is_file():
+        raise InputError(f"background.file {str(path)!r} does not exist")
+    if path.suffix.lower() in (".xy", ".chi", ".dat", ".txt", ".iq"):
+        from xrdmap.textio import read_pattern
+
+        return read_pattern(path, wavelength_A=_wavelength_A(config))
+    from xrdmap.integrate import integrate_scan
+    from xrdmap.io import open_scan, read_image
+
+    if path.suffix.lower() in (".h5", ".hdf5", ".nxs", ".nx5"):
+        frames = open_scan(str(path), frames_path=bg.frames_path)
+    else:
+        image = read_image(path)
+        frames = xr.DataArray(image[None], dims=("point", "y", "x"), coords={"monitor": ("point", [1.0])})
+    integrated = integrate_scan(frames, config.geometry.poni, **_integrate_kwargs(config))
+    iq = integrated["iq"].mean("point")
+    if client is not None:
+        return client.compute(iq).result()
+    return iq.compute(scheduler="sync")
+
+
+def _wavelength_A(config: RunConfig) -> float:
+    from xrdmap.geometry import read_poni
+
+    return read_poni(config.geometry.poni)["wavelength"] * 1e10
+
+
+# --------------------------------------------------------------------------------------
+# after integration: vectorised over all points
+# --------------------------------------------------------------------------------------
+
+
+def bin_points(ds: xr.Dataset, time_bin: int = 1, time_window: tuple[float, float] | None = None) -> xr.Dataset:
+    """Keep a time window and average every ``time_bin`` consecutive points.
+
+    Intensities are averaged; uncertainties combine as ``sqrt(sum sigma^2) / n``;
+    coordinates (time, position, monitor) are averaged; counts are summed.
+    """
+    if time_window is not None:
+        if "time" not in ds.coords:
+            raise InputError("scan.time_window needs a scan with a 'time' coordinate")
+        t0, t1 = time_window
+        keep = (ds["time"] >= t0) & (ds["time"] <= t1)
+        if not bool(keep.any()):
+            raise InputError(f"scan.time_window [{t0}, {t1}] s contains no point of the scan")
+        ds = ds.isel(point=np.flatnonzero(keep.values))
+    if time_bin <= 1:
+        return ds
+    n = ds.sizes["point"] // time_bin
+    if n == 0:
+        raise InputError(f"scan.time_bin {time_bin} is larger than the {ds.sizes['point']} points of the scan")
+    ds = ds.isel(point=slice(0, n * time_bin))
+    groups = np.repeat(np.arange(n), time_bin)
+    ds = ds.assign_coords(point=groups)
+    out = {}
+    for name, var in ds.data_vars.items():
+        if "point" not in var.dims:
+            out[name] = var
+        elif name.endswith("_sigma"):
+            out[name] = np.sqrt((var**2).groupby("point").sum()) / time_bin
+        elif var.dtype.kind in "iu":
+            out[name] = var.groupby("point").sum()
+        else:
+            out[name] = var.groupby("point").mean()
+    coords = {
+        c: ("point", ds[c].groupby("point").mean().values)
+        for c in ds.coords
+        if c != "point" and ds[c].dims == ("point",)
+    }
+    binned = xr.Dataset(out, attrs=ds.attrs).assign_coords(point=np.arange(n), **coords)
+    binned.attrs["time_bin"] = time_bin
+    return binned
+
+
+def analyse(
+    ds: xr.Dataset,
+    config: RunConfig,
+    *,
+    background: xr.DataArray | None = None,
+    log: Log = _quiet,
+) -> xr.Dataset:
+    """Background, PDF, NMF, phase assignment and phase fractions on integrated data."""
+    from xrdmap.assign import assign_components, phase_fractions
+
+    if background is not None:
+        from xrdmap.background import subtract_background
+
+        sub = subtract_background(
+            ds["iq"], background, scale=config.background.scale, iq_sigma=ds.get("iq_sigma")
+        )
+        ds = ds.assign(iq=sub["iq"])
+        if "iq_sigma" in sub:
+            ds["iq_sigma"] = sub["iq_sigma"]
+        ds["background"] = background.interp(q=ds["q"]) if "q" in background.dims else background
+        ds["background"].attrs["scale"] = sub.attrs.get("scale", config.background.scale)
+        log(f"background: subtracted {config.background.file} (scale {ds['background'].attrs['scale']})")
+
+    if config.pdf.enabled:
+        ds = ds.merge(_pdf(ds, config))
+        log(f"pdf: G(r) for {ds.sizes['point']} points, composition {config.pdf.composition}")
+
+    phases = _phase_library(config)
+    decomp: dict[str, xr.Dataset] = {}
+    d = config.decompose
+    for dim, ranges in (("q", d.q_ranges), ("r", d.r_ranges)):
+        source = "iq" if dim == "q" else "gr"
+        if not ranges or source not in ds:
+            continue
+        from xrdmap.decompose import decompose
+
+        res = decompose(
+            ds[source], dim=dim, x_ranges=[tuple(r) for r in ranges],
+            n_components=d.components, min_components=d.min_components,
+            max_components=d.max_components, random_state=d.random_state, smoothness=d.smoothness,
+        )
+        comps = res[f"nmf_{dim}_components"]
+        assigned = assign_components(
+            comps, phases, dim=dim, stretch_range=config.phases.stretch_range
+        )
+        res = res.merge(assigned.rename({v: f"{dim}_{v}" for v in assigned.data_vars}))
+        decomp[dim] = res
+        names = ", ".join(str(v) for v in assigned["component_phase"].values)
+        log(f"nmf in {dim}: {comps.sizes['component']} components -> {names}")
+    ds = ds.merge(_combine_components(decomp))
+
+    fractions = phase_fractions(ds["iq"], phases, dim="q", stretch_range=config.phases.stretch_range)
+    ds = ds.merge(fractions)
+    return ds
+
+
+def _pdf(ds: xr.Dataset, config: RunConfig) -> xr.Dataset:
+    from xrdmap.pdf import coherence_length, low_r_ripple, transform
+
+    p = config.pdf
+    qmax_data = float(ds["q"].max())
+    qmaxinst = min(p.qmaxinst or qmax_data, qmax_data)
+    out = transform(
+        ds["iq"], composition=p.composition, qmin=p.qmin, qmax=min(p.qmax, qmaxinst),
+        qmaxinst=qmaxinst, rpoly=p.rpoly, rmin=p.rmin, rmax=p.rmax, rstep=p.rstep,
+        lorch=p.lorch, iq_sigma=ds.get("iq_sigma"),
+    )
+    out["coherence_length"] = coherence_length(out["gr"])
+    out["low_r_ripple"] = low_r_ripple(out["gr"])
+    return out
+
+
+def _phase_library(config: RunConfig) -> dict[str, Any]:
+    from xrdmap.phases import load_library
+
+    lib = load_library(extra=config.phases.extra or None, folder=config.phases.folder)
+    if config.phases.names is None:
+        return lib
+    lookup = {k.lower(): k for k in lib}
+    chosen = {}
+    for name in config.phases.names:
+        key = lookup.get(name.lower())
+        if key is None:
+            raise InputError(f"phases.names: unknown phase {name!r}; available: {', '.join(sorted(lib))}")
+        chosen[key] = lib[key]
+    for name in config.phases.extra:
+        chosen[name] = lib[name]
+    return chosen
+
+
+def _combine_components(decomp: dict[str, xr.Dataset]) -> xr.Dataset:
+    """Put the Q and r decompositions on one ``component`` axis.
+
+    They may have different numbers of components (e.g. 3 in Q, 2 in r); the shorter
+    one is padded with NaN (and "" for names) and ``nmf_{q,r}_n_components`` records
+    how many are real.
+    """
+    if not decomp:
+        return xr.Dataset()
+    k = max(res.sizes.get("component", 0) for res in decomp.values())
+    out = []
+    for dim, res in decomp.items():
+        n = res.sizes["component"]
+        padded = res.reindex(component=np.arange(k), fill_value={
+            v: ("" if res[v].dtype.kind in "OUS" else np.nan) for v in res.data_vars if "component" in res[v].dims
+        })
+        padded[f"nmf_{dim}_n_components"] = xr.DataArray(n)
+        out.append(padded)
+    return xr.merge(out, compat="override", combine_attrs="drop_conflicts")
+
+
+def _provenance(config: RunConfig) -> dict[str, Any]:
+    from xrdmap.results import provenance
+
+    src = config.scan.source
+    inputs = [p for p in ([*src] if isinstance(src, list) else [src]) if Path(p).is_file()]
+    small = [config.geometry.poni, config.geometry.mask, config.geometry.dark, config.geometry.flat,
+             config.background.file]
+    inputs += [p for p in small if p and Path(p).is_file()]
+    return provenance(json.loads(config.model_dump_json()), inputs=inputs)
+
+
+def _write_products(ds: xr.Dataset, config: RunConfig, out_path: Path, log: Log):
+    figures: list[Path] = []
+    report = None
+    exports: list[Path] = []
+    stem = out_path.with_suffix("")
+    if config.output.figures:
+        from xrdmap.maps import save_figures
+
+        fig_dir = stem.parent / f"{stem.name}_figures"
+        fig_dir.mkdir(exist_ok=True)
+        figures = save_figures(ds, fig_dir, formats=tuple(config.output.formats))
+        log(f"figures: {fig_dir} ({len(figures)} files)")
+    if config.output.report:
+        from xrdmap.report import write_report
+
+        report = write_report(ds, stem.parent / f"{stem.name}_report.html")
+        log(f"report: {report}")
+    if config.output.export:
+        from xrdmap.results import export_columns
+
+        exp_dir = stem.parent / f"{stem.name}_columns"
+        exp_dir.mkdir(exist_ok=True)
+        for kind in config.output.export:
+            exports += export_columns(ds, exp_dir, kind=kind)
+        log(f"text exports: {exp_dir} ({len(exports)} files)")
+    return figures, report, exports
