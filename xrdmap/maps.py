@@ -1,0 +1,894 @@
+"""Phase maps: figures of a result dataset, zone boundaries and per-zone phase fractions.
+
+Every ``plot_*`` function takes a result :class:`xarray.Dataset` (see ``docs/developers.md``)
+and returns a :class:`matplotlib.figure.Figure` built without pyplot (no global state, no
+window), so it can be shown in a notebook, saved, or embedded in a report. Figures plot
+what the dataset holds and raise :class:`~xrdmap.errors.InputError` when the variable they
+need is missing.
+
+The scan axis is ``position`` (mm) for a line scan, else ``time`` (s) for a series, else
+the point index. Heatmaps put the scan axis vertically, as the published maps across a
+pellet's thickness do (Q or r horizontally); profiles (weights, fractions, quality) put it
+horizontally. Each phase keeps one colour (Okabe-Ito palette, safe for colour-blind
+readers) in every figure.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+import xarray as xr
+from matplotlib.colors import LogNorm, Normalize, TwoSlopeNorm
+from matplotlib.figure import Figure
+
+from xrdmap.errors import ConfigError, InputError, OutputError
+from xrdmap.results import atomic_output
+
+__all__ = [
+    "OKABE_ITO",
+    "FIGURES",
+    "phase_colors",
+    "scan_axis",
+    "plot_iq_map",
+    "plot_gr_map",
+    "plot_weights",
+    "plot_components",
+    "plot_phase_fractions",
+    "plot_quality",
+    "plot_overview",
+    "find_zone_boundaries",
+    "zone_boundaries",
+    "zone_table",
+    "amorphous_points",
+    "make_figures",
+    "save_figures",
+]
+
+#: Okabe & Ito (2008) categorical palette without black, in the order used for phases.
+OKABE_ITO = (
+    "#0072B2",  # blue
+    "#E69F00",  # orange
+    "#009E73",  # bluish green
+    "#CC79A7",  # reddish purple
+    "#56B4E9",  # sky blue
+    "#D55E00",  # vermillion
+    "#F0E442",  # yellow
+)
+_UNASSIGNED_COLOR = "#7f7f7f"
+_RESIDUAL_COLOR = "#bdbdbd"
+_EXTRA_COLORS = ("#332288", "#882255", "#117733", "#999933", "#44AA99", "#AA4499", "#DDCC77")
+
+#: Figure names written by :func:`save_figures`, grouped by the ``what`` selector of the CLI.
+FIGURES = {
+    "iq": ("iq_map",),
+    "gr": ("gr_map",),
+    "weights": ("weights_q", "weights_r"),
+    "components": ("components_q", "components_r"),
+    "fractions": ("phase_fractions", "overview"),
+    "quality": ("quality",),
+}
+
+_GREEK = {"alpha": r"\alpha", "beta": r"\beta", "gamma": r"\gamma", "delta": r"\delta",
+          "epsilon": r"\varepsilon", "eps": r"\varepsilon"}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def scan_axis(ds: xr.Dataset | xr.DataArray) -> tuple[np.ndarray, str, str]:
+    """The scan coordinate of ``ds``: ``(values, name, axis label with unit)``.
+
+    ``position`` (mm) when present, else ``time`` (s), else the point index.
+    """
+    if "point" not in ds.dims:
+        raise InputError("result dataset has no 'point' dimension: expected a scan (point, ...)")
+    for name, label in (("position", "position (mm)"), ("time", "time (s)")):
+        if name in ds.coords and ds.coords[name].dims == ("point",):
+            return np.asarray(ds.coords[name].values, dtype=float), name, label
+    return np.arange(ds.sizes["point"], dtype=float), "point", "scan point"
+
+
+def _pretty(name: str) -> str:
+    """Phase name for matplotlib: digits after an element or ')' as subscripts, Greek prefix."""
+    text = str(name).replace("$", r"\$")
+    m = re.match(r"^(alpha|beta|gamma|delta|epsilon|eps)(\d?)[-_ ]", text, flags=re.I)
+    prefix = ""
+    if m:
+        prefix = f"${_GREEK[m.group(1).lower()]}" + (f"_{m.group(2)}" if m.group(2) else "") + "$-"
+        text = text[m.end():]
+    if re.fullmatch(r"[A-Za-z0-9().,·\- ]+", text):
+        text = re.sub(r"(?<=[A-Za-z)])(\d+(?:\.\d+)?)", r"$_{\1}$", text)
+    return prefix + text
+
+
+def _component_phase(ds: xr.Dataset, dim: str) -> list[str] | None:
+    for name in (f"{dim}_component_phase", "component_phase"):
+        if name in ds and ds[name].dims == ("component",):
+            values = ds[name].values
+            if len(values) == ds.sizes["component"]:
+                return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+    return None
+
+
+def _component_score(ds: xr.Dataset, dim: str) -> np.ndarray | None:
+    for name in (f"{dim}_component_score", "component_score"):
+        if name in ds and ds[name].dims == ("component",):
+            return np.asarray(ds[name].values, dtype=float)
+    return None
+
+
+def phase_colors(ds: xr.Dataset | None = None, names: Iterable[str] = ()) -> dict[str, str]:
+    """One colour per phase name, the same in every figure of ``ds``.
+
+    Phases of the ``phase`` dimension come first, in order, then phase names used only by
+    component assignments, then ``names``. ``"unassigned"`` is grey.
+    """
+    ordered: list[str] = []
+    if ds is not None:
+        if "phase" in ds.coords:
+            ordered += [str(p) for p in ds.coords["phase"].values]
+        for dim in ("q", "r"):
+            ordered += _component_phase(ds, dim) or []
+    ordered += [str(n) for n in names]
+    colors: dict[str, str] = {}
+    palette = list(OKABE_ITO) + list(_EXTRA_COLORS)
+    for name in ordered:
+        if name in colors:
+            continue
+        if name.lower() == "unassigned":
+            colors[name] = _UNASSIGNED_COLOR
+            continue
+        used = sum(1 for n in colors if n.lower() != "unassigned")
+        colors[name] = palette[used % len(palette)]
+    return colors
+
+
+def _component_styles(ds: xr.Dataset, dim: str) -> list[tuple[str, str, str]]:
+    """Per component: (colour, line style, legend label) -- colour of its assigned phase."""
+    n = ds.sizes["component"]
+    phases = _component_phase(ds, dim)
+    scores = _component_score(ds, dim)
+    colors = phase_colors(ds)
+    styles = []
+    seen: dict[str, int] = {}
+    spare = iter(_EXTRA_COLORS * 4)
+    comp_labels = ds.coords["component"].values if "component" in ds.coords else range(n)
+    for i in range(n):
+        cname = f"C{comp_labels[i]}" if np.issubdtype(np.asarray(comp_labels).dtype, np.integer) else str(comp_labels[i])
+        phase = phases[i] if phases else None
+        if phase is None or phase.lower() == "unassigned":
+            color = next(spare) if phase is None else _UNASSIGNED_COLOR
+            label = cname if phase is None else f"{cname}: unassigned"
+        else:
+            color = colors[phase]
+            label = f"{cname}: {_pretty(phase)}"
+        if scores is not None and np.isfinite(scores[i]) and phase is not None:
+            label += f" (score {scores[i]:.2f})"
+        key = phase or cname
+        k = seen.get(key, 0)
+        seen[key] = k + 1
+        styles.append((color, ("-", "--", ":", "-.")[k % 4], label))
+    return styles
+
+
+def _require(ds: xr.Dataset, name: str, dims: tuple[str, ...]) -> xr.DataArray:
+    if name not in ds:
+        raise InputError(f"result dataset has no variable {name!r}: expected {name} {dims}")
+    da = ds[name]
+    if set(da.dims) != set(dims):
+        raise InputError(f"result variable {name!r} has dims {da.dims}: expected {dims}")
+    return da.transpose(*dims)
+
+
+def _boundaries_of(ds: xr.Dataset, boundaries: Sequence[float] | str | None) -> list[float]:
+    if boundaries is None:
+        return []
+    if isinstance(boundaries, str):
+        if boundaries != "auto":
+            raise ConfigError(f"boundaries {boundaries!r}: expected 'auto', None or a list of positions")
+        return zone_boundaries(ds)
+    return [float(b) for b in boundaries]
+
+
+def _robust_limits(values: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    vmin, vmax = np.percentile(finite, [lo, hi])
+    if vmax <= vmin:
+        vmax = vmin + (abs(vmin) or 1.0)
+    return float(vmin), float(vmax)
+
+
+def _new_figure(width: float = 7.0, height: float = 4.5) -> Figure:
+    return Figure(figsize=(width, height), dpi=110, layout="constrained")
+
+
+# --------------------------------------------------------------------------- heatmaps
+
+
+def _heatmap(ds: xr.Dataset, da: xr.DataArray, xdim: str, xlabel: str, *, norm, cmap: str,
+             cbar_label: str, title: str, boundaries: list[float]) -> Figure:
+    scan, _, scan_label = scan_axis(ds)
+    x = np.asarray(da.coords[xdim].values, dtype=float) if xdim in da.coords else np.arange(da.sizes[xdim])
+    z = np.asarray(da.values, dtype=float)
+    order = np.argsort(scan, kind="stable")
+    fig = _new_figure(7.0, 5.0)
+    ax = fig.add_subplot()
+    colormap = matplotlib.colormaps[cmap].with_extremes(bad="#d9d9d9")
+    mesh = ax.pcolormesh(x, scan[order], z[order], shading="nearest", cmap=colormap, norm=norm,
+                         rasterized=True)
+    cbar = fig.colorbar(mesh, ax=ax, pad=0.02)
+    cbar.set_label(cbar_label)
+    for b in boundaries:
+        ax.axhline(b, color="white", lw=1.2, ls="--")
+        ax.axhline(b, color="black", lw=0.6, ls="--")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(scan_label)
+    ax.set_title(title)
+    if scan_label.startswith("position"):
+        ax.invert_yaxis()  # depth into the pellet grows downwards, as in a cross-section
+    return fig
+
+
+def plot_iq_map(ds: xr.Dataset, *, var: str = "iq", scale: str = "log",
+                percentiles: tuple[float, float] = (1.0, 99.8),
+                boundaries: Sequence[float] | str | None = "auto", cmap: str = "viridis") -> Figure:
+    """Heatmap of I(Q) along the scan: Q (A^-1) horizontally, scan axis vertically.
+
+    Parameters
+    ----------
+    ds
+        Result dataset with ``var`` (point, q).
+    var
+        ``"iq"`` (default), ``"sq"`` or ``"fq"``.
+    scale
+        ``"log"`` (logarithmic colours between robust percentiles of the positive values),
+        ``"robust"`` (linear between percentiles) or ``"linear"`` (full range).
+    percentiles
+        Lower and upper percentile (%) that bound the colour scale.
+    boundaries
+        Zone boundaries (scan-axis units) drawn as dashed lines; ``"auto"`` uses
+        :func:`zone_boundaries`, None draws none.
+    cmap
+        Matplotlib colour map (perceptually uniform by default).
+    """
+    da = _require(ds, var, ("point", "q"))
+    z = np.asarray(da.values, dtype=float)
+    if scale == "log":
+        positive = np.where(z > 0, z, np.nan)
+        vmin, vmax = _robust_limits(positive, *percentiles)
+        norm = LogNorm(vmin=max(vmin, vmax * 1e-6), vmax=vmax, clip=True)
+    elif scale == "robust":
+        norm = Normalize(*_robust_limits(z, *percentiles), clip=True)
+    elif scale == "linear":
+        norm = Normalize(*_robust_limits(z, 0.0, 100.0))
+    else:
+        raise ConfigError(f"scale {scale!r}: expected 'log', 'robust' or 'linear'")
+    labels = {"iq": ("I(Q) (arb. units)", "I(Q)"), "sq": ("S(Q)", "S(Q)"),
+              "fq": ("F(Q) (Å$^{-1}$)", "F(Q)")}
+    cbar_label, what = labels.get(var, (var, var))
+    if scale == "log":
+        cbar_label += ", log scale"
+    return _heatmap(ds, da, "q", "Q (Å$^{-1}$)", norm=norm, cmap=cmap, cbar_label=cbar_label,
+                    title=f"{what} along the scan", boundaries=_boundaries_of(ds, boundaries))
+
+
+def plot_gr_map(ds: xr.Dataset, *, percentile: float = 99.5,
+                boundaries: Sequence[float] | str | None = "auto", cmap: str = "RdBu_r") -> Figure:
+    """Heatmap of G(r) along the scan: r (A) horizontally, scan axis vertically.
+
+    G(r) oscillates about zero, so the colours diverge from white at G = 0 (ColorBrewer
+    RdBu, safe for colour-blind readers) and are symmetric up to the ``percentile`` of |G|.
+    """
+    da = _require(ds, "gr", ("point", "r"))
+    z = np.abs(np.asarray(da.values, dtype=float))
+    lim = _robust_limits(z, 0.0, percentile)[1]
+    norm = TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim)
+    return _heatmap(ds, da, "r", "r (Å)", norm=norm, cmap=cmap, cbar_label="G(r) (Å$^{-2}$)",
+                    title="G(r) along the scan", boundaries=_boundaries_of(ds, boundaries))
+
+
+# --------------------------------------------------------------------------- NMF
+
+
+def plot_weights(ds: xr.Dataset, dim: str = "q", *, normalize: bool = True,
+                 boundaries: Sequence[float] | str | None = "auto") -> Figure:
+    """NMF component weights along the scan, coloured like their assigned phases.
+
+    Parameters
+    ----------
+    dim
+        ``"q"`` (reciprocal-space NMF) or ``"r"`` (real-space NMF).
+    normalize
+        Show each point's weights as fractions of their sum (relative weights, as the
+        pdfitc NMF-mapping app does); otherwise the raw weights.
+    """
+    if dim not in ("q", "r"):
+        raise ConfigError(f"dim {dim!r}: expected 'q' or 'r'")
+    w = np.asarray(_require(ds, f"nmf_{dim}_weights", ("point", "component")).values, dtype=float)
+    if normalize:
+        total = np.nansum(w, axis=1, keepdims=True)
+        w = np.divide(w, total, out=np.full_like(w, np.nan), where=total > 0)
+    scan, _, scan_label = scan_axis(ds)
+    order = np.argsort(scan, kind="stable")
+    fig = _new_figure(7.0, 4.0)
+    ax = fig.add_subplot()
+    for i, (color, ls, label) in enumerate(_component_styles(ds, dim)):
+        if not np.isfinite(w[:, i]).any():
+            continue  # padding: this space chose fewer components
+        ax.plot(scan[order], w[order, i], color=color, ls=ls, lw=1.8, marker="o", ms=2.5, label=label)
+    for b in _boundaries_of(ds, boundaries):
+        ax.axvline(b, color="0.3", lw=0.8, ls="--")
+    ax.set_xlabel(scan_label)
+    ax.set_ylabel("relative weight (fraction)" if normalize else "weight (arb. units)")
+    if normalize:
+        ax.set_ylim(-0.02, 1.02)
+    space = "reciprocal space, Q" if dim == "q" else "real space, r"
+    ax.set_title(f"NMF component weights ({space})")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize="small")
+    return fig
+
+
+def _scaled_reference(comp: np.ndarray, ref: np.ndarray) -> np.ndarray | None:
+    """``a * ref + b`` fitted to ``comp`` by least squares (a >= 0): the overlay of a reference."""
+    ok = np.isfinite(comp) & np.isfinite(ref)
+    if ok.sum() < 3 or np.ptp(ref[ok]) == 0:
+        return None
+    design = np.column_stack([ref[ok], np.ones(ok.sum())])
+    (a, b), *_ = np.linalg.lstsq(design, comp[ok], rcond=None)
+    if a <= 0:
+        return None
+    out = np.full_like(comp, np.nan)
+    out[ok] = a * ref[ok] + b
+    return out
+
+
+def plot_components(ds: xr.Dataset, dim: str = "q", *, spacing: float = 1.15) -> Figure:
+    """NMF components stacked with offsets, each over its assigned reference pattern.
+
+    Each component is scaled to unit height; the reference pattern of its phase
+    (``reference_iq`` (phase, q) or ``reference_gr`` (phase, r), when present) is drawn
+    behind it in black after a least-squares fit ``a * reference + b``. The legend names the
+    phase and the assignment score.
+    """
+    if dim not in ("q", "r"):
+        raise ConfigError(f"dim {dim!r}: expected 'q' or 'r'")
+    comps = _require(ds, f"nmf_{dim}_components", ("component", dim))
+    x = np.asarray(comps.coords[dim].values, dtype=float) if dim in comps.coords else np.arange(comps.sizes[dim])
+    refs = ds.get("reference_iq" if dim == "q" else "reference_gr")
+    phases = _component_phase(ds, dim)
+    fig = _new_figure(7.0, 1.2 + 1.3 * comps.sizes["component"])
+    ax = fig.add_subplot()
+    ref_drawn = False
+    for i, (color, ls, label) in enumerate(_component_styles(ds, dim)):
+        c = np.asarray(comps.values[i], dtype=float)
+        if not np.isfinite(c).any():
+            continue  # padding: this space chose fewer components
+        lo, hi = np.nanmin(c), np.nanmax(c)
+        height = (hi - lo) or 1.0
+        offset = spacing * i
+        if refs is not None and phases and phases[i] in [str(p) for p in refs.coords["phase"].values]:
+            ref = np.asarray(refs.sel(phase=phases[i]).transpose(dim).values, dtype=float)
+            fitted = _scaled_reference(c, ref)
+            if fitted is not None:
+                ax.plot(x, (fitted - lo) / height + offset, color="black", lw=0.9, alpha=0.75,
+                        label=None if ref_drawn else "reference (scaled)")
+                ref_drawn = True
+        ax.plot(x, (c - lo) / height + offset, color=color, ls=ls, lw=1.5, label=label)
+    ax.set_yticks([])
+    if dim == "q":
+        ax.set_xlabel("Q (Å$^{-1}$)")
+        ax.set_ylabel("intensity (arb. units, offset)")
+        ax.set_title("NMF components (reciprocal space) and reference patterns")
+    else:
+        ax.set_xlabel("r (Å)")
+        ax.set_ylabel("G(r) (arb. units, offset)")
+        ax.set_title("NMF components (real space) and reference G(r)")
+    ax.set_xlim(np.nanmin(x), np.nanmax(x))
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles[::-1], labels[::-1], loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              frameon=False, fontsize="small")
+    return fig
+
+
+# --------------------------------------------------------------------------- phase fractions
+
+
+def _fractions(ds: xr.Dataset) -> tuple[np.ndarray, list[str], np.ndarray | None]:
+    pf = _require(ds, "phase_fraction", ("point", "phase"))
+    names = [str(p) for p in pf.coords["phase"].values] if "phase" in pf.coords else [f"phase {i}" for i in range(pf.sizes["phase"])]
+    residual = None
+    if "residual" in ds and ds["residual"].dims == ("point",):
+        residual = np.clip(np.asarray(ds["residual"].values, dtype=float), 0.0, 1.0)
+    return np.asarray(pf.values, dtype=float), names, residual
+
+
+def _draw_fractions(ax, ds: xr.Dataset, boundaries: list[float], *, vertical: bool) -> None:
+    fractions, names, residual = _fractions(ds)
+    scan, _, scan_label = scan_axis(ds)
+    order = np.argsort(scan, kind="stable")
+    s = scan[order]
+    f = np.nan_to_num(np.clip(fractions[order], 0, None))
+    if residual is not None:
+        # crystalline weight fractions share what the residual (amorphous) band leaves
+        total = f.sum(axis=1, keepdims=True)
+        f = np.divide(f, total, out=np.zeros_like(f), where=total > 0) * (1 - np.nan_to_num(residual[order]))[:, None]
+    colors = phase_colors(ds)
+    bottom = np.zeros(len(s))
+    fill = ax.fill_betweenx if vertical else ax.fill_between
+    for j, name in enumerate(names):
+        top = bottom + f[:, j]
+        fill(s, bottom, top, color=colors[name], lw=0, label=_pretty(name))
+        bottom = top
+    if residual is not None:
+        fill(s, bottom, bottom + np.nan_to_num(residual[order]), facecolor="white",
+             edgecolor=_RESIDUAL_COLOR, hatch="///", lw=0, label="residual / amorphous")
+    line = ax.axhline if vertical else ax.axvline
+    for b in boundaries:
+        line(b, color="black", lw=1.0, ls="--")
+    if vertical:
+        ax.set_xlim(0, 1)
+        ax.set_ylim(s.min(), s.max())
+        ax.set_xlabel("weight fraction")
+        ax.set_ylabel(scan_label)
+        if scan_label.startswith("position"):
+            ax.invert_yaxis()
+    else:
+        ax.set_ylim(0, 1)
+        ax.set_xlim(s.min(), s.max())
+        ax.set_ylabel("weight fraction")
+        ax.set_xlabel(scan_label)
+
+
+def plot_phase_fractions(ds: xr.Dataset, *,
+                         boundaries: Sequence[float] | str | None = "auto") -> Figure:
+    """Stacked weight fractions of the phases along the scan.
+
+    The ``residual`` (fraction of the signal no reference phase explains: amorphous or
+    unknown) is its own hatched band on top; crystalline fractions are rescaled to share the
+    rest. Zone boundaries are dashed vertical lines labelled with their position.
+    """
+    fig = _new_figure(7.5, 4.0)
+    ax = fig.add_subplot()
+    bounds = _boundaries_of(ds, boundaries)
+    _draw_fractions(ax, ds, bounds, vertical=False)
+    _, name, _ = scan_axis(ds)
+    unit = {"position": " mm", "time": " s"}.get(name, "")
+    for b in bounds:
+        ax.annotate(f"{b:.3g}{unit}", (b, 1.0), xytext=(0, 3), textcoords="offset points",
+                    ha="center", va="bottom", fontsize="small")
+    ax.set_title("Phase weight fractions along the scan", pad=14 if bounds else 6)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize="small")
+    return fig
+
+
+def plot_quality(ds: xr.Dataset, *, coherence_threshold_A: float = 10.0,
+                 residual_threshold: float = 0.2,
+                 boundaries: Sequence[float] | str | None = "auto") -> Figure:
+    """Coherence length (A) and residual fraction along the scan, with flag thresholds.
+
+    Points flagged by :func:`amorphous_points` are shaded in both panels.
+    """
+    panels = [n for n in ("coherence_length", "residual", "low_r_ripple")
+              if n in ds and ds[n].dims == ("point",)]
+    if not panels:
+        raise InputError("result dataset has none of 'coherence_length', 'residual', 'low_r_ripple' (point)")
+    scan, _, scan_label = scan_axis(ds)
+    order = np.argsort(scan, kind="stable")
+    flagged = amorphous_points(ds, coherence_threshold_A=coherence_threshold_A,
+                               residual_threshold=residual_threshold).values[order]
+    bounds = _boundaries_of(ds, boundaries)
+    fig = _new_figure(7.0, 1.0 + 1.9 * len(panels))
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    spec = {
+        "coherence_length": ("coherence length (Å)", coherence_threshold_A, "#0072B2"),
+        "residual": ("residual (fraction)", residual_threshold, "#D55E00"),
+        "low_r_ripple": ("low-r ripple (arb. units)", None, "#009E73"),
+    }
+    step = np.median(np.diff(scan[order])) if len(scan) > 1 else 1.0
+    for ax, name in zip(axes, panels, strict=True):
+        label, threshold, color = spec[name]
+        ax.plot(scan[order], np.asarray(ds[name].values, dtype=float)[order], color=color,
+                marker="o", ms=2.5, lw=1.5)
+        if threshold is not None:
+            ax.axhline(threshold, color="0.3", lw=0.9, ls=":", label=f"threshold {threshold:g}")
+            ax.legend(loc="best", frameon=False, fontsize="small")
+        for s in scan[order][flagged]:
+            ax.axvspan(s - step / 2, s + step / 2, color="0.85", lw=0, zorder=0)
+        for b in bounds:
+            ax.axvline(b, color="0.3", lw=0.8, ls="--")
+        ax.set_ylabel(label)
+    axes[-1].set_xlabel(scan_label)
+    axes[0].set_title("Quality along the scan (shaded: flagged amorphous)")
+    return fig
+
+
+def plot_overview(ds: xr.Dataset, *, boundaries: Sequence[float] | str | None = "auto") -> Figure:
+    """Published-figure layout: I(Q) heatmap across the pellet next to the phase fractions.
+
+    Both panels share the vertical scan axis, like Figs. 5, 9 and 10 of the EFS study.
+    """
+    da = _require(ds, "iq", ("point", "q"))
+    bounds = _boundaries_of(ds, boundaries)
+    has_fractions = "phase_fraction" in ds
+    fig = _new_figure(9.5 if has_fractions else 6.5, 5.0)
+    axes = fig.subplots(1, 2 if has_fractions else 1, sharey=True, squeeze=False,
+                        gridspec_kw={"width_ratios": [2.2, 1] if has_fractions else [1]})[0]
+
+    scan, _, scan_label = scan_axis(ds)
+    order = np.argsort(scan, kind="stable")
+    z = np.asarray(da.values, dtype=float)
+    vmin, vmax = _robust_limits(np.where(z > 0, z, np.nan), 1.0, 99.8)
+    q = np.asarray(da.coords["q"].values, dtype=float)
+    mesh = axes[0].pcolormesh(q, scan[order], z[order], shading="nearest", rasterized=True,
+                              cmap=matplotlib.colormaps["viridis"].with_extremes(bad="#d9d9d9"),
+                              norm=LogNorm(vmin=max(vmin, vmax * 1e-6), vmax=vmax, clip=True))
+    for b in bounds:
+        axes[0].axhline(b, color="white", lw=1.2, ls="--")
+    axes[0].set_xlabel("Q (Å$^{-1}$)")
+    axes[0].set_ylabel(scan_label)
+    axes[0].set_title("I(Q) across the scan")
+    if scan_label.startswith("position"):
+        axes[0].invert_yaxis()
+    if has_fractions:
+        _draw_fractions(axes[1], ds, bounds, vertical=True)
+        axes[1].set_ylabel("")
+        axes[1].set_title("phase fractions")
+        axes[1].legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False,
+                       fontsize="small", ncol=2)
+    fig.colorbar(mesh, ax=axes[0], pad=0.01, label="I(Q) (arb. units, log scale)")
+    return fig
+
+
+# --------------------------------------------------------------------------- zones
+
+
+def _segment_costs(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cumulative sums so that the squared error of any segment costs O(p)."""
+    c1 = np.vstack([np.zeros(x.shape[1]), np.cumsum(x, axis=0)])
+    c2 = np.concatenate([[0.0], np.cumsum((x * x).sum(axis=1))])
+    return c1, c2
+
+
+def _optimal_segmentation(x: np.ndarray, max_segments: int, min_size: int) -> list[list[int]]:
+    """Exact least-squares piecewise-constant segmentation (dynamic programming).
+
+    Returns, for k = 1..max_segments, the segment start indices (excluding 0).
+    """
+    n = len(x)
+    c1, c2 = _segment_costs(x)
+
+    def cost(i: np.ndarray | int, j: int) -> np.ndarray:
+        # squared deviation from the mean of rows i..j-1, vectorised over i
+        s = c1[j] - c1[i]
+        m = j - np.asarray(i)
+        return (c2[j] - c2[i]) - (s * s).sum(axis=-1) / m
+
+    inf = np.inf
+    best = np.full((max_segments + 1, n + 1), inf)
+    back = np.zeros((max_segments + 1, n + 1), dtype=int)
+    best[0, 0] = 0.0
+    for k in range(1, max_segments + 1):
+        for j in range(k * min_size, n + 1):
+            i = np.arange((k - 1) * min_size, j - min_size + 1)
+            if i.size == 0:
+                continue
+            total = best[k - 1, i] + cost(i, j)
+            t = int(np.argmin(total))
+            best[k, j] = total[t]
+            back[k, j] = i[t]
+    result = []
+    for k in range(1, max_segments + 1):
+        if not np.isfinite(best[k, n]):
+            break
+        starts, j = [], n
+        for kk in range(k, 0, -1):
+            j = back[kk, j]
+            starts.append(j)
+        result.append(sorted(starts)[1:])
+    return result
+
+
+def _trend(seg: np.ndarray, m0: np.ndarray, m1: np.ndarray) -> float:
+    """Change across ``seg`` of its linear trend from ``m0`` towards ``m1`` (fraction of the step)."""
+    d = m1 - m0
+    t = (seg - m0) @ d / max(float(d @ d), 1e-300)
+    if len(t) < 2:
+        return 0.0
+    i = np.arange(len(t))
+    return float(abs(np.polyfit(i, t, 1)[0]) * (len(t) - 1))
+
+
+def _dissolve_transitions(x: np.ndarray, starts: list[int], min_plateau: int, tol: float) -> list[int]:
+    """Replace short segments that only step along a gradual transition by one boundary.
+
+    A segment whose mean lies (within ``tol``, for every phase) between the means of its
+    neighbours and which is shorter than ``min_plateau`` points, or along which the
+    composition moves by more than a third of the way between them, is a piece of a ramp,
+    not a zone: its two
+    edges become one boundary where the profile crosses halfway between the neighbours.
+    """
+    n = len(x)
+    while True:
+        edges = [0, *starts, n]
+        segs = list(zip(edges[:-1], edges[1:], strict=True))
+        means = [x[a:b].mean(axis=0) for a, b in segs]
+        for k in range(1, len(segs) - 1):
+            lo = np.minimum(means[k - 1], means[k + 1]) - tol
+            hi = np.maximum(means[k - 1], means[k + 1]) + tol
+            if np.all((means[k] >= lo) & (means[k] <= hi)) and (
+                    segs[k][1] - segs[k][0] < min_plateau
+                    or _trend(x[segs[k][0]:segs[k][1]], means[k - 1], means[k + 1]) > 1 / 3):
+                break
+        else:
+            return starts
+        a, b = segs[k - 1][0], segs[k + 1][1]
+        d = means[k + 1] - means[k - 1]
+        t = (x[a:b] - means[k - 1]) @ d / max(float(d @ d), 1e-300)
+        above = np.flatnonzero(t >= 0.5)
+        new = a + (int(above[0]) if above.size else (b - a) // 2)
+        new = min(max(new, a + 1), b - 1)
+        starts = [*starts[: k - 1], new, *starts[k + 1:]]
+
+
+def find_zone_boundaries(phase_fraction: xr.DataArray, *, n_zones: int | None = None,
+                         max_zones: int = 8, min_size: int = 2, min_change: float = 0.1,
+                         min_plateau: int = 4, penalty: float | None = None) -> list[float]:
+    """Scan positions where the phase composition changes (change points).
+
+    The fraction profiles of all phases are fitted together by a piecewise-constant
+    function (exact least-squares segmentation by dynamic programming). Without
+    ``n_zones``, the number of zones minimises ``SSE + penalty * (zones - 1)`` with, by
+    default, ``penalty = 2 p sigma^2 ln(n)`` (``sigma`` estimated from point-to-point
+    differences, ``p`` phases, ``n`` points; a BIC-like criterion), floored so that a step
+    of ``min_change`` over ``min_size`` points is needed. Adjacent zones whose mean
+    fractions differ by less than ``min_change`` (largest change over the phases) are then
+    merged, and segments that only step along a gradual transition between two zones
+    (short, or sloping by more than a third of the step, with a composition between the
+    neighbours') become one boundary where the composition is halfway between them. A zone
+    is thus a plateau of composition; an intermediate zone whose composition is not
+    between its neighbours' (a phase that appears only there) is kept however narrow.
+
+    Parameters
+    ----------
+    phase_fraction
+        Weight fractions with dims (point, phase) (or (point, component) weights); points
+        with NaN are ignored.
+    n_zones
+        Fix the number of zones instead of choosing it.
+    max_zones
+        Largest number of zones tried.
+    min_size
+        Fewest points in a zone.
+    min_change
+        Smallest change of any phase's mean fraction between adjacent zones.
+    min_plateau
+        Fewest points of a zone whose composition lies between its neighbours'.
+    penalty
+        Cost of one more boundary, in squared fraction units (overrides the default).
+
+    Returns
+    -------
+    list of float
+        Boundary positions in scan-axis units (mm, s or point index), each midway between
+        the last point of one zone and the first point of the next, in increasing order.
+    """
+    if not isinstance(phase_fraction, xr.DataArray) or "point" not in phase_fraction.dims:
+        raise InputError("phase_fraction: expected a DataArray with a 'point' dimension")
+    other = [d for d in phase_fraction.dims if d != "point"]
+    if len(other) > 1:
+        raise InputError(f"phase_fraction has dims {phase_fraction.dims}: expected (point, phase)")
+    da = phase_fraction.transpose("point", *other)
+    scan, _, _ = scan_axis(da)
+    x = np.asarray(da.values, dtype=float).reshape(da.sizes["point"], -1)
+    order = np.argsort(scan, kind="stable")
+    scan, x = scan[order], x[order]
+    ok = np.all(np.isfinite(x), axis=1)
+    scan, x = scan[ok], x[ok]
+    n, p = x.shape
+    if n < 2 * min_size:
+        return []
+    if n_zones is not None and n_zones < 1:
+        raise ConfigError(f"n_zones {n_zones}: expected a positive number of zones")
+    kmax = min(n // min_size, n_zones if n_zones is not None else max_zones)
+    candidates = _optimal_segmentation(x, kmax, min_size)
+    if n_zones is not None:
+        starts = candidates[min(n_zones, len(candidates)) - 1]
+    else:
+        if penalty is None:
+            sigma2 = float(np.mean((np.median(np.abs(np.diff(x, axis=0)), axis=0) / 0.6745) ** 2 / 2))
+            penalty = max(2.0 * p * sigma2 * np.log(n), 0.5 * min_size * min_change**2)
+        c1, c2 = _segment_costs(x)
+
+        def sse(starts: list[int]) -> float:
+            edges = [0, *starts, n]
+            total = 0.0
+            for a, b in zip(edges[:-1], edges[1:], strict=True):
+                s = c1[b] - c1[a]
+                total += (c2[b] - c2[a]) - float((s * s).sum()) / (b - a)
+            return total
+
+        scores = [sse(s) + penalty * len(s) for s in candidates]
+        starts = candidates[int(np.argmin(scores))]
+    starts = _dissolve_transitions(x, list(starts), min_plateau, min_change / 2)
+    while starts:
+        edges = [0, *starts, n]
+        means = [x[a:b].mean(axis=0) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+        jumps = [float(np.max(np.abs(m1 - m0))) for m0, m1 in zip(means[:-1], means[1:], strict=True)]
+        k = int(np.argmin(jumps))
+        if jumps[k] >= min_change or n_zones is not None:
+            break
+        starts.pop(k)
+    return [float((scan[s - 1] + scan[s]) / 2) for s in starts]
+
+
+def zone_boundaries(ds: xr.Dataset, **kwargs: Any) -> list[float]:
+    """Zone boundaries of a result: stored ones (``zone_boundaries`` attr or variable) if
+    present, else :func:`find_zone_boundaries` on ``phase_fraction`` (or, without it, the
+    Q-space NMF weights); [] when neither exists."""
+    stored = ds["zone_boundaries"].values if "zone_boundaries" in ds.variables else ds.attrs.get("zone_boundaries")
+    if stored is not None:
+        return sorted(float(b) for b in np.atleast_1d(np.asarray(stored, dtype=float)) if np.isfinite(b))
+    for name in ("phase_fraction", "nmf_q_weights", "nmf_r_weights"):
+        if name in ds and "point" in ds[name].dims and ds[name].ndim == 2:
+            da = ds[name]
+            if name.startswith("nmf"):
+                total = da.sum(da.dims[1] if da.dims[0] == "point" else da.dims[0])
+                da = da / total.where(total > 0)
+            return find_zone_boundaries(da, **kwargs)
+    return []
+
+
+def zone_table(ds: xr.Dataset, boundaries: Sequence[float] | None = None) -> xr.Dataset:
+    """Mean phase weight fractions in each zone between boundaries.
+
+    Parameters
+    ----------
+    ds
+        Result dataset with ``phase_fraction`` (point, phase) (and optionally ``residual``).
+    boundaries
+        Zone boundaries in scan-axis units; default :func:`zone_boundaries`.
+
+    Returns
+    -------
+    xarray.Dataset
+        dims (zone, phase): ``mean_fraction``, ``std_fraction``; dims (zone): ``start``,
+        ``end`` (first and last scan coordinate in the zone), ``n_points`` and, when the
+        result has one, ``mean_residual``.
+    """
+    fractions, names, residual = _fractions(ds)
+    scan, name, _ = scan_axis(ds)
+    bounds = sorted(zone_boundaries(ds) if boundaries is None else [float(b) for b in boundaries])
+    zone_of = np.searchsorted(np.asarray(bounds), scan, side="right")
+    nz = len(bounds) + 1
+    mean = np.full((nz, len(names)), np.nan)
+    std = np.full((nz, len(names)), np.nan)
+    start = np.full(nz, np.nan)
+    end = np.full(nz, np.nan)
+    count = np.zeros(nz, dtype=int)
+    mres = np.full(nz, np.nan)
+    for z in range(nz):
+        sel = zone_of == z
+        count[z] = int(sel.sum())
+        if not count[z]:
+            continue
+        mean[z] = np.nanmean(fractions[sel], axis=0)
+        std[z] = np.nanstd(fractions[sel], axis=0)
+        start[z], end[z] = scan[sel].min(), scan[sel].max()
+        if residual is not None:
+            mres[z] = np.nanmean(residual[sel])
+    unit = {"position": "mm", "time": "s"}.get(name, "")
+    out = xr.Dataset(
+        {
+            "mean_fraction": (("zone", "phase"), mean, {"units": "weight fraction"}),
+            "std_fraction": (("zone", "phase"), std, {"units": "weight fraction"}),
+            "start": ("zone", start, {"units": unit}),
+            "end": ("zone", end, {"units": unit}),
+            "n_points": ("zone", count),
+        },
+        coords={"zone": np.arange(1, nz + 1), "phase": names},
+        attrs={"boundaries": bounds, "scan_axis": name},
+    )
+    if residual is not None:
+        out["mean_residual"] = ("zone", mres, {"units": "fraction of signal"})
+    return out
+
+
+def amorphous_points(ds: xr.Dataset, *, coherence_threshold_A: float = 10.0,
+                     residual_threshold: float = 0.2) -> xr.DataArray:
+    """Points flagged amorphous: coherence length below ``coherence_threshold_A`` (A) or
+    residual (unexplained fraction) above ``residual_threshold``.
+
+    Glassy regions have no G(r) correlations beyond ~7 A, hence the 10 A default.
+    """
+    flag = np.zeros(ds.sizes["point"], dtype=bool)
+    if "coherence_length" in ds:
+        flag |= np.asarray(ds["coherence_length"].values, dtype=float) < coherence_threshold_A
+    if "residual" in ds:
+        flag |= np.asarray(ds["residual"].values, dtype=float) > residual_threshold
+    return xr.DataArray(flag, dims=("point",), coords={k: v for k, v in ds.coords.items() if v.dims == ("point",)},
+                        name="amorphous")
+
+
+# --------------------------------------------------------------------------- output
+
+
+def make_figures(ds: xr.Dataset, what: str | Iterable[str] = "all") -> dict[str, Figure]:
+    """Every figure the dataset has data for, by name (see :data:`FIGURES`).
+
+    Parameters
+    ----------
+    what
+        ``"all"`` or one or more of ``iq, gr, weights, components, fractions, quality``.
+    """
+    groups = list(FIGURES) if what == "all" else ([what] if isinstance(what, str) else list(what))
+    unknown = [g for g in groups if g not in FIGURES]
+    if unknown:
+        raise ConfigError(f"figure selection {unknown}: expected 'all' or any of {', '.join(FIGURES)}")
+    bounds = zone_boundaries(ds)
+    makers = {
+        "iq_map": ("iq", lambda: plot_iq_map(ds, boundaries=bounds)),
+        "gr_map": ("gr", lambda: plot_gr_map(ds, boundaries=bounds)),
+        "weights_q": ("nmf_q_weights", lambda: plot_weights(ds, "q", boundaries=bounds)),
+        "weights_r": ("nmf_r_weights", lambda: plot_weights(ds, "r", boundaries=bounds)),
+        "components_q": ("nmf_q_components", lambda: plot_components(ds, "q")),
+        "components_r": ("nmf_r_components", lambda: plot_components(ds, "r")),
+        "phase_fractions": ("phase_fraction", lambda: plot_phase_fractions(ds, boundaries=bounds)),
+        "overview": ("iq", lambda: plot_overview(ds, boundaries=bounds)),
+        "quality": (None, lambda: plot_quality(ds, boundaries=bounds)),
+    }
+    figures: dict[str, Figure] = {}
+    for group in groups:
+        for name in FIGURES[group]:
+            needs, make = makers[name]
+            if name == "overview" and "phase_fraction" not in ds:
+                continue
+            if name == "quality":
+                if not any(n in ds for n in ("coherence_length", "residual", "low_r_ripple")):
+                    continue
+            elif needs not in ds:
+                continue
+            figures[name] = make()
+    return figures
+
+
+def save_figures(ds: xr.Dataset, outdir: str | Path, formats: Sequence[str] = ("png", "svg"),
+                 *, what: str | Iterable[str] = "all", dpi: int = 150) -> list[Path]:
+    """Write every figure of :func:`make_figures` as ``outdir/<name>.<format>``, atomically.
+
+    Returns the paths written. ``formats``: any of ``png``, ``svg``, ``pdf``.
+    """
+    out = Path(outdir)
+    formats = [f.lower().lstrip(".") for f in formats]
+    bad = [f for f in formats if f not in ("png", "svg", "pdf")]
+    if bad or not formats:
+        raise ConfigError(f"figure formats {list(formats)}: expected one or more of png, svg, pdf")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"figure directory {str(out)!r} cannot be created: {exc.strerror}") from None
+    written = []
+    for name, fig in make_figures(ds, what).items():
+        for fmt in formats:
+            path = out / f"{name}.{fmt}"
+            with atomic_output(path) as tmp:
+                fig.savefig(tmp, format=fmt, dpi=dpi, metadata=_metadata(ds, fmt))
+            written.append(path)
+    return written
+
+
+def _metadata(ds: xr.Dataset, fmt: str) -> Mapping[str, Any] | None:
+    from xrdmap import __version__
+
+    creator = f"xrdmap {__version__}"
+    if fmt == "png":
+        return {"Software": creator}
+    if fmt == "svg":
+        return {"Creator": creator, "Date": None}
+    return {"Creator": creator}
