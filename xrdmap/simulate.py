@@ -614,7 +614,7 @@ def _static_defects(shape: tuple[int, int], poni: Mapping[str, Any], rng: np.ran
         gaps[:, int(frac * n2) : int(frac * n2) + width] = True
     c1, c2 = poni["poni1"] / pixel - 0.5, poni["poni2"] / pixel - 0.5
     i1, i2 = np.ogrid[:n1, :n2]
-    radius = 0.03 * n1
+    radius = max(1.5, 0.012 * n1)  # ~5 mm on the 432 mm panel: shadow below Q ~ 0.5 A^-1
     beamstop = ((i1 - c1) ** 2 + (i2 - c2) ** 2 <= radius**2) | (
         (np.abs(i2 - c2) <= radius / 2.5) & (i1 <= c1)
     )
