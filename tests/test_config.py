@@ -81,3 +81,22 @@ def test_load_config_errors(tmp_path):
     bad.write_text("scan: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+WORKFLOWS = sorted((__import__("pathlib").Path(__file__).parents[1] / "workflows").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_shipped_workflows_are_valid(path):
+    cfg = load_config(path)
+    assert cfg.pdf.lorch
+    if path.stem == "i15-1_linescan":
+        assert cfg.decompose.r_ranges == [(1.0, 20.0)] and cfg.decompose.q_ranges == [(1.0, 15.0)]
+        assert (cfg.decompose.min_components, cfg.decompose.max_components) == (2, 5)
+        assert (cfg.pdf.qmin, cfg.pdf.qmax) == (0.5, 24.0)
+    if path.stem == "slurm":
+        assert cfg.compute.cluster == "slurm"
+
+
+def test_there_are_three_workflows():
+    assert {p.stem for p in WORKFLOWS} >= {"i15-1_linescan", "insitu_timeseries", "slurm"}

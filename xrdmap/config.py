@@ -128,6 +128,17 @@ class PhasesConfig(_Section):
     stretch_range: float = Field(0.03, ge=0, le=0.2)
 
 
+class SeriesConfig(_Section):
+    """Descriptors of time series (used when the scan has a ``time`` coordinate)."""
+
+    enabled: bool | Literal["auto"] = "auto"
+    phase: str | None = Field(None, description="phase whose lattice scale is refined per point")
+    peaks: list[Range] = Field(default_factory=list, description="Q windows (A^-1) of Bragg peaks to follow")
+    q_range: Range = (1.0, 15.0)
+
+    _p = field_validator("peaks")(classmethod(lambda cls, v: _check_ranges(v)))
+
+
 class OutputConfig(_Section):
     path: str = "result.h5"
     figures: bool = True
@@ -157,6 +168,7 @@ class RunConfig(_Section):
     pdf: PDFConfig = Field(default_factory=PDFConfig)
     decompose: DecomposeConfig = Field(default_factory=DecomposeConfig)
     phases: PhasesConfig = Field(default_factory=PhasesConfig)
+    series: SeriesConfig = Field(default_factory=SeriesConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
 
@@ -296,6 +308,12 @@ phases:
   extra: {}                  # your own structures, e.g. {alpha1-LiVOPO4: my_alpha1.cif}
   folder: null               # a folder of CIF files to add
   stretch_range: 0.03        # lattice stretch searched when matching (+-3 %)
+
+series:                     # time series (in-situ, operando): descriptors against time
+  enabled: auto              # auto: when the scan has a time coordinate
+  phase: null                # e.g. LATP: refine its lattice scale for every frame
+  peaks: []                  # Q windows of Bragg peaks to follow, e.g. [[1.9, 2.1], [4.2, 4.4]]
+  q_range: [1.0, 15.0]
 
 output:
   path: result.h5            # NeXus result (open with xrdmap.open_result, silx view or h5web)

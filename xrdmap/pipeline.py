@@ -360,7 +360,26 @@ def analyse(
 
     fractions = phase_fractions(ds["iq"], phases, dim="q", stretch_range=config.phases.stretch_range)
     ds = ds.merge(fractions)
+
+    sc = config.series
+    if sc.enabled is True or (sc.enabled == "auto" and "time" in ds.coords):
+        from xrdmap.series import describe_series
+
+        phase = phases[_lookup(phases, sc.phase, "series.phase")] if sc.phase else None
+        desc = describe_series(ds, phase=phase, peaks=[tuple(p) for p in sc.peaks], q_range=tuple(sc.q_range))
+        ds = ds.merge(desc, combine_attrs="no_conflicts")
+        ds.attrs.update(desc.attrs)
+        if "event_onset_point" in desc.attrs:
+            log(f"series: amorphous interval from point {desc.attrs['event_onset_point']} "
+                f"to {desc.attrs.get('event_end_point')}")
     return ds
+
+
+def _lookup(phases: dict[str, Any], name: str, what: str) -> str:
+    key = {k.lower(): k for k in phases}.get(name.lower())
+    if key is None:
+        raise InputError(f"{what}: unknown phase {name!r}; available: {', '.join(sorted(phases))}")
+    return key
 
 
 def _pdf(ds: xr.Dataset, config: RunConfig) -> xr.Dataset:
@@ -385,12 +404,9 @@ def _phase_library(config: RunConfig) -> dict[str, Any]:
     lib = load_library(extra=config.phases.extra or None, folder=config.phases.folder)
     if config.phases.names is None:
         return lib
-    lookup = {k.lower(): k for k in lib}
     chosen = {}
     for name in config.phases.names:
-        key = lookup.get(name.lower())
-        if key is None:
-            raise InputError(f"phases.names: unknown phase {name!r}; available: {', '.join(sorted(lib))}")
+        key = _lookup(lib, name, "phases.names")
         chosen[key] = lib[key]
     for name in config.phases.extra:
         chosen[name] = lib[name]
