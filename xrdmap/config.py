@@ -71,6 +71,9 @@ class IntegrationConfig(_Section):
 class BackgroundConfig(_Section):
     file: str | None = Field(None, description="container/Kapton measurement: frames file, image or .xy/.chi pattern")
     frames_path: str | None = None
+    monitor: float | str | None = Field(
+        None, description="incident-flux monitor of the background: a number, or a dataset path in its HDF5 file"
+    )
     scale: float | Literal["auto"] = 1.0
 
     @field_validator("scale")
@@ -279,7 +282,8 @@ integration:
 
 background:
   file: null                 # empty container / Kapton: frames file, image or .xy/.chi pattern
-  frames_path: null
+  frames_path: null          # dataset of the background frame(s) in an HDF5 file
+  monitor: null              # its monitor: a number or a dataset path (null: 1, or auto-detected)
   scale: 1.0                 # or "auto": largest scale keeping the sample minus background >= 0
 
 pdf:

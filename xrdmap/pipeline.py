@@ -26,7 +26,7 @@ import xarray as xr
 from xrdmap.config import RunConfig
 from xrdmap.errors import InputError
 
-__all__ = ["run", "RunOutputs", "integrate_checkpointed"]
+__all__ = ["run", "RunOutputs", "integrate_checkpointed", "analyse", "bin_points", "demo_config"]
 
 Log = Callable[[str], None]
 Progress = Callable[[int, int], None]
@@ -107,6 +107,46 @@ def _open_scan(config: RunConfig) -> xr.DataArray:
 # --------------------------------------------------------------------------------------
 # integration with checkpoints
 # --------------------------------------------------------------------------------------
+
+
+def demo_config(scan: Path, outdir: Path, *, workers: int = 2) -> RunConfig:
+    """Configuration for a scan written by :func:`xrdmap.simulate.simulate_scan`.
+
+    Uses the PONI and mask written beside the scan, the dark stored in the file (saved
+    to ``<scan>.dark.npy``) and the Kapton-only frame stored in the file as background.
+    """
+    import h5py
+
+    from xrdmap.config import validate_config
+
+    scan = Path(scan)
+    with h5py.File(scan, "r") as fh:
+        dark = fh["entry/instrument/detector/dark"][()]
+        layout = str(fh["entry/truth"].attrs.get("layout", ""))
+        has_time = "time" in fh["entry/data"]
+    dark_path = scan.with_suffix(".dark.npy")
+    np.save(dark_path, dark)
+    compositions = {
+        "hotspot": "Li3V2(PO4)3",
+        "composite": "0.6 Li3V2(PO4)3 + 0.4 Li1.3Al0.3Ti1.7(PO4)3",
+        "multilayer": "0.5 Li3V2(PO4)3 + 0.5 Li1.3Al0.3Ti1.7(PO4)3",
+        "vitreous": "Li1.3Al0.3Ti1.7(PO4)3",
+        "flash": "Li1.3Al0.3Ti1.7(PO4)3",
+    }
+    data = {
+        "scan": {"source": str(scan)},
+        "geometry": {"poni": str(scan.with_suffix(".poni")), "mask": str(scan.with_suffix(".mask.npy")),
+                     "dark": str(dark_path)},
+        "integration": {"npt": 1500, "q_range": [0.5, 20.0]},
+        "background": {"file": str(scan), "frames_path": "/entry/background/data",
+                       "monitor": "/entry/background/monitor", "scale": 1.0},
+        "pdf": {"composition": compositions.get(layout, "Li3V2(PO4)3"), "qmax": 18.0, "qmaxinst": 19.0},
+        "output": {"path": str(Path(outdir) / "result.h5"), "formats": ["png"]},
+        "compute": {"workers": workers},
+    }
+    if has_time:
+        data["series"] = {"enabled": True, "phase": "LATP"}
+    return validate_config(data, f"demo for {scan}")
 
 
 def _checkpoint_dir(out_path: Path) -> Path:
@@ -240,18 +280,50 @@ def _integrated_background(config: RunConfig, client: Any) -> xr.DataArray | Non
 
         return read_pattern(path, wavelength_A=_wavelength_A(config))
     from xrdmap.integrate import integrate_scan
-    from xrdmap.io import open_scan, read_image
 
-    if path.suffix.lower() in (".h5", ".hdf5", ".nxs", ".nx5"):
-        frames = open_scan(str(path), frames_path=bg.frames_path)
-    else:
-        image = read_image(path)
-        frames = xr.DataArray(image[None], dims=("point", "y", "x"), coords={"monitor": ("point", [1.0])})
+    frames = _background_frames(path, bg.frames_path, bg.monitor)
     integrated = integrate_scan(frames, config.geometry.poni, **_integrate_kwargs(config))
     iq = integrated["iq"].mean("point")
     if client is not None:
         return client.compute(iq).result()
     return iq.compute(scheduler="sync")
+
+
+def _background_frames(path: Path, frames_path: str | None, monitor: float | str | None) -> xr.DataArray:
+    """Background frames as a (point, y, x) array with a monitor coordinate."""
+    import h5py
+
+    from xrdmap.io import open_scan, read_image
+
+    is_hdf5 = h5py.is_hdf5(path)
+    if is_hdf5 and frames_path is not None:
+        with h5py.File(path, "r") as fh:
+            node = fh.get(frames_path)
+            if not isinstance(node, h5py.Dataset):
+                raise InputError(f"background.frames_path {frames_path!r} not found in {str(path)!r}")
+            is_stack = node.ndim == 3
+    else:
+        is_stack = is_hdf5
+    if is_stack:
+        frames = open_scan(str(path), frames_path=frames_path)
+    else:
+        image = read_image(path, dataset=frames_path)
+        frames = xr.DataArray(image[None], dims=("point", "y", "x"), coords={"monitor": ("point", [1.0])})
+    if isinstance(monitor, str):
+        if not is_hdf5:
+            raise InputError(f"background.monitor {monitor!r} is a dataset path but {str(path)!r} is not HDF5")
+        with h5py.File(path, "r") as fh:
+            node = fh.get(monitor)
+            if not isinstance(node, h5py.Dataset):
+                raise InputError(f"background.monitor dataset {monitor!r} not found in {str(path)!r}")
+            values = np.broadcast_to(np.asarray(node[()], dtype=float), (frames.sizes["point"],))
+    elif monitor is not None:
+        values = np.full(frames.sizes["point"], float(monitor))
+    else:
+        return frames
+    if not np.all(values > 0):
+        raise InputError(f"background.monitor of {str(path)!r} must be positive, got {values}")
+    return frames.assign_coords(monitor=("point", values))
 
 
 def _wavelength_A(config: RunConfig) -> float:
