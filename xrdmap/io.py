@@ -94,7 +94,16 @@ _TIME_NAMES = (
     ("time", "times", "elapsed_time", "relative_time", "time_s"),
     ("timestamp", "timestamps", "time_stamp", "epoch"),
 )
-_INDEX_NAMES = {"point", "points", "index", "frame", "frames", "frame_number", "image_number", "idx"}
+_INDEX_NAMES = {
+    "point",
+    "points",
+    "index",
+    "frame",
+    "frames",
+    "frame_number",
+    "image_number",
+    "idx",
+}
 _FILTER_NAMES = {
     32001: "Blosc",
     32004: "LZ4",
@@ -162,12 +171,17 @@ def open_scan(
     import xarray as xr
 
     if chunk_frames is not None and (
-        isinstance(chunk_frames, bool) or not isinstance(chunk_frames, (int, np.integer)) or chunk_frames < 1
+        isinstance(chunk_frames, bool)
+        or not isinstance(chunk_frames, (int, np.integer))
+        or chunk_frames < 1
     ):
         raise ConfigError(f"chunk_frames {chunk_frames!r}: expected a positive integer")
-    for name, explicit, path in (("positions", positions, positions_path), ("times", times, times_path)):
+    for name, explicit, path in (
+        ("positions", positions, positions_path),
+        ("times", times, times_path),
+    ):
         if explicit is not None and path is not None:
-            raise ConfigError(f"{name} and {name[:-1]}_path were both given: pass only one of them")
+            raise ConfigError(f"{name} and {name}_path were both given: pass only one of them")
 
     kind, resolved = _classify_source(source)
     if kind == "hdf5":
@@ -178,10 +192,16 @@ def open_scan(
     else:
         for name, value in (("frames_path", frames_path),):
             if value is not None:
-                raise ConfigError(f"{name} {value!r} applies only to HDF5 sources, not to an image series")
+                raise ConfigError(
+                    f"{name} {value!r} applies only to HDF5 sources, not to an image series"
+                )
         stack = _open_series(resolved, source)
         found = {}
-        for name, spec in (("position", positions_path), ("time", times_path), ("monitor", monitor_path)):
+        for name, spec in (
+            ("position", positions_path),
+            ("time", times_path),
+            ("monitor", monitor_path),
+        ):
             if spec is not None:
                 found[name] = _read_external(spec, name, None)
         source_attr = source if isinstance(source, (str, os.PathLike)) else _describe_list(resolved)
@@ -227,7 +247,11 @@ def open_scan(
 
 
 def default_chunk_frames(
-    frame_shape: Sequence[int], dtype: Any, *, target_bytes: int = CHUNK_BYTES, file_chunk: int | None = None
+    frame_shape: Sequence[int],
+    dtype: Any,
+    *,
+    target_bytes: int = CHUNK_BYTES,
+    file_chunk: int | None = None,
 ) -> int:
     """Frames per dask chunk so that one chunk holds about ``target_bytes`` bytes.
 
@@ -256,7 +280,9 @@ def read_image(path: str | os.PathLike, *, dataset: str | None = None) -> np.nda
     if _is_hdf5(p):
         with _h5open(p, "image file") as f:
             if dataset is None:
-                found = _find_datasets(f, lambda ds: ds.ndim == 2 or (ds.ndim == 3 and ds.shape[0] == 1))
+                found = _find_datasets(
+                    f, lambda ds: ds.ndim == 2 or (ds.ndim == 3 and ds.shape[0] == 1)
+                )
                 if len(found) != 1:
                     listing = ", ".join(f"{n} {s}" for n, s in found[:_MAX_LISTED]) or "none"
                     raise InputError(
@@ -266,11 +292,15 @@ def read_image(path: str | os.PathLike, *, dataset: str | None = None) -> np.nda
                 dataset = found[0][0]
             obj = f.get(dataset)
             if not isinstance(obj, h5py.Dataset):
-                raise InputError(f"image file {str(p)!r}: dataset {dataset} not found (expected a 2-D image dataset)")
+                raise InputError(
+                    f"image file {str(p)!r}: dataset {dataset} not found (expected a 2-D image dataset)"
+                )
             try:
                 data = obj[()]
             except OSError as exc:
-                raise InputError(f"image file {str(p)!r}: dataset {dataset} could not be read: {exc}") from None
+                raise InputError(
+                    f"image file {str(p)!r}: dataset {dataset} could not be read: {exc}"
+                ) from None
         origin = f"image file {str(p)!r} dataset {dataset}"
     elif p.suffix.lower() == ".npy":
         try:
@@ -290,7 +320,9 @@ def read_image(path: str | os.PathLike, *, dataset: str | None = None) -> np.nda
                 f"image file {str(p)!r} could not be read as an image (EDF/TIFF/CBF/NPY/HDF5): {exc}"
             ) from None
         if nframes and nframes > 1:
-            raise InputError(f"image file {str(p)!r} holds {nframes} frames; expected a single image")
+            raise InputError(
+                f"image file {str(p)!r} holds {nframes} frames; expected a single image"
+            )
         origin = f"image file {str(p)!r}"
     data = np.asarray(data)
     if data.ndim == 3 and data.shape[0] == 1:
@@ -311,13 +343,17 @@ def file_checksum(path: str | os.PathLike, *, block_bytes: int = 2**20) -> str:
             for block in iter(lambda: fh.read(block_bytes), b""):
                 digest.update(block)
     except OSError as exc:
-        raise InputError(f"input file {str(p)!r} could not be read: {exc.strerror or exc}") from None
+        raise InputError(
+            f"input file {str(p)!r} could not be read: {exc.strerror or exc}"
+        ) from None
     return digest.hexdigest()
 
 
 def natural_sort_key(text: str) -> tuple:
     """Sort key that orders embedded numbers by value: ``frame2`` before ``frame10``."""
-    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text))
+    return tuple(
+        (0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text)
+    )
 
 
 # --------------------------------------------------------------------------- lazy stacks
@@ -400,7 +436,9 @@ class _FrameStack:
 class _HDF5Stack(_FrameStack):
     """Frames of one HDF5 dataset; each read opens the file (picklable, no h5py state)."""
 
-    def __init__(self, filename: str, path: str, shape, dtype, file_chunk: int | None, stamp: tuple):
+    def __init__(
+        self, filename: str, path: str, shape, dtype, file_chunk: int | None, stamp: tuple
+    ):
         self.filename = filename
         self.path = path
         self.shape = tuple(int(s) for s in shape)
@@ -409,7 +447,14 @@ class _HDF5Stack(_FrameStack):
         self.stamp = stamp
 
     def __dask_tokenize__(self):
-        return ("xrdmap.io._HDF5Stack", self.filename, self.path, self.shape, self.dtype.str, self.stamp)
+        return (
+            "xrdmap.io._HDF5Stack",
+            self.filename,
+            self.path,
+            self.shape,
+            self.dtype.str,
+            self.stamp,
+        )
 
     def _read(self, frames: np.ndarray, rest: tuple) -> np.ndarray:
         return _read_hdf5_frames(self.filename, self.path, self.shape, frames, rest)
@@ -426,14 +471,23 @@ class _ImageSeries(_FrameStack):
         self.stamp = stamp
 
     def __dask_tokenize__(self):
-        return ("xrdmap.io._ImageSeries", self.root, self.names, self.shape, self.dtype.str, self.stamp)
+        return (
+            "xrdmap.io._ImageSeries",
+            self.root,
+            self.names,
+            self.shape,
+            self.dtype.str,
+            self.stamp,
+        )
 
     def _read(self, frames: np.ndarray, rest: tuple) -> np.ndarray:
         paths = [os.path.join(self.root, self.names[i]) for i in frames]
         return _read_image_frames(paths, self.shape[1:], self.dtype, rest)
 
 
-def _read_hdf5_frames(filename: str, path: str, shape: tuple, frames: np.ndarray, rest: tuple) -> np.ndarray:
+def _read_hdf5_frames(
+    filename: str, path: str, shape: tuple, frames: np.ndarray, rest: tuple
+) -> np.ndarray:
     """Read frames (sorted or not) of an HDF5 dataset, opening the file for this call."""
     lo, hi = int(frames[0]), int(frames[-1])
     what = f"scan file {filename!r}: frames {lo}..{hi} of {path}"
@@ -441,7 +495,9 @@ def _read_hdf5_frames(filename: str, path: str, shape: tuple, frames: np.ndarray
         with h5py.File(filename, "r", locking=False) as f:
             ds = f[path]
             if tuple(ds.shape) != tuple(shape):
-                raise InputError(f"{what}: dataset now has shape {ds.shape}, not {tuple(shape)}; the file changed")
+                raise InputError(
+                    f"{what}: dataset now has shape {ds.shape}, not {tuple(shape)}; the file changed"
+                )
             steps = np.diff(frames)
             if frames.size == 1:
                 return ds[(slice(lo, lo + 1), *rest)]
@@ -454,7 +510,9 @@ def _read_hdf5_frames(filename: str, path: str, shape: tuple, frames: np.ndarray
         raise InputError(f"{what} could not be read: {exc}") from None
 
 
-def _read_image_frames(paths: list[str], frame_shape: tuple, dtype: np.dtype, rest: tuple) -> np.ndarray:
+def _read_image_frames(
+    paths: list[str], frame_shape: tuple, dtype: np.dtype, rest: tuple
+) -> np.ndarray:
     """Read image files with fabio into one array, checking every frame's shape."""
     import fabio
 
@@ -467,9 +525,13 @@ def _read_image_frames(paths: list[str], frame_shape: tuple, dtype: np.dtype, re
             raise InputError(f"frame file {p!r} could not be read as an image: {exc}") from None
         if data is None or tuple(data.shape) != tuple(frame_shape):
             got = None if data is None else tuple(data.shape)
-            raise InputError(f"frame file {p!r} has shape {got} but the series frames have shape {tuple(frame_shape)}")
+            raise InputError(
+                f"frame file {p!r} has shape {got} but the series frames have shape {tuple(frame_shape)}"
+            )
         if data.dtype != dtype and not np.can_cast(data.dtype, dtype, casting="same_kind"):
-            raise InputError(f"frame file {p!r} has dtype {data.dtype} but the series frames are {dtype}")
+            raise InputError(
+                f"frame file {p!r} has dtype {data.dtype} but the series frames are {dtype}"
+            )
         out[j] = data[rest]
     return out
 
@@ -494,15 +556,21 @@ def _classify_source(source: Any) -> tuple[str, Any]:
                 f"'{text.rstrip('/')}/*.tif', or a list of image files"
             )
         if p.is_file():
+            if not os.access(p, os.R_OK):
+                raise InputError(f"scan file {text!r} is not readable (permission denied)")
             if _is_hdf5(p):
                 return "hdf5", p
             if p.suffix.lower() in {".h5", ".hdf5", ".hdf", ".nxs", ".nx5", ".nx", ".he5"}:
-                raise InputError(f"scan file {text!r} is not an HDF5 file (no HDF5 signature); expected HDF5/NeXus")
+                raise InputError(
+                    f"scan file {text!r} is not an HDF5 file (no HDF5 signature); expected HDF5/NeXus"
+                )
             return "fabio", [text]
         if _GLOB_CHARS.search(text):
             matches = [m for m in _glob.glob(text, recursive=True) if os.path.isfile(m)]
             if not matches:
-                raise InputError(f"glob {text!r} matched no files; expected frame images (TIFF/EDF/CBF)")
+                raise InputError(
+                    f"glob {text!r} matched no files; expected frame images (TIFF/EDF/CBF)"
+                )
             return "fabio", sorted(matches, key=natural_sort_key)
         raise InputError(
             f"scan source {text!r} does not exist; expected an HDF5/NeXus file, a glob of images or a list of images"
@@ -512,7 +580,9 @@ def _classify_source(source: Any) -> tuple[str, Any]:
         if not paths:
             raise InputError("scan source is an empty list; expected image file paths")
         return "fabio", paths
-    raise InputError(f"scan source {source!r}: expected a file path, a glob string or a list of image paths")
+    raise InputError(
+        f"scan source {source!r}: expected a file path, a glob string or a list of image paths"
+    )
 
 
 def _is_hdf5(p: Path) -> bool:
@@ -660,7 +730,9 @@ def _nxdata_signal(group: h5py.Group) -> h5py.Dataset | None:
         item = _child(group, key)
         if isinstance(item, h5py.Dataset):
             flag = item.attrs.get("signal")
-            if flag is not None and (_attr_str(flag) == "1" or (not isinstance(flag, (str, bytes)) and flag == 1)):
+            if flag is not None and (
+                _attr_str(flag) == "1" or (not isinstance(flag, (str, bytes)) and flag == 1)
+            ):
                 return item
     return None
 
@@ -690,7 +762,13 @@ def _locate_frames(f: h5py.File, p: Path, layout: _Layout, frames_path: str | No
             )
         if isinstance(obj, h5py.Group):
             cls = _nx_class(obj)
-            inner = _child(obj, "data") if cls == "NXdetector" else _nxdata_signal(obj) if cls == "NXdata" else None
+            inner = (
+                _child(obj, "data")
+                if cls == "NXdetector"
+                else _nxdata_signal(obj)
+                if cls == "NXdata"
+                else None
+            )
             if not isinstance(inner, h5py.Dataset):
                 raise InputError(
                     f"{label}: {frames_path} is a group, not a frames dataset; "
@@ -751,16 +829,24 @@ def _open_hdf5(p: Path, frames_path, positions_path, times_path, monitor_path):
                 f"{label}: frames dataset {name} has shape {ds.shape} but a 3-D stack (point, y, x) was expected"
             )
         if ds.dtype.kind not in "biuf":
-            raise InputError(f"{label}: frames dataset {name} has dtype {ds.dtype}; expected numbers")
+            raise InputError(
+                f"{label}: frames dataset {name} has dtype {ds.dtype}; expected numbers"
+            )
         if ds.shape[0] == 0 or ds.shape[1] == 0 or ds.shape[2] == 0:
-            raise InputError(f"{label}: frames dataset {name} has shape {ds.shape}; expected at least one frame")
+            raise InputError(
+                f"{label}: frames dataset {name} has shape {ds.shape}; expected at least one frame"
+            )
         _check_filters(ds, label)
         n = ds.shape[0]
         file_chunk = ds.chunks[0] if ds.chunks else None
 
         found: dict[str, tuple[np.ndarray, str]] = {}
         auto = _auto_axes(layout, ds, n)
-        for key, spec in (("position", positions_path), ("time", times_path), ("monitor", monitor_path)):
+        for key, spec in (
+            ("position", positions_path),
+            ("time", times_path),
+            ("monitor", monitor_path),
+        ):
             if spec is not None:
                 found[key] = _read_external(spec, key, f)
             elif key in auto:
@@ -858,7 +944,12 @@ def _auto_axes(layout: _Layout, frames: h5py.Dataset, n: int) -> dict[str, tuple
         values = []
         for g in layout.positioners:
             v = _child(g, "value")
-            if isinstance(v, h5py.Dataset) and v.ndim == 1 and v.shape[0] == n and _axis_kind(v) != "time":
+            if (
+                isinstance(v, h5py.Dataset)
+                and v.ndim == 1
+                and v.shape[0] == n
+                and _axis_kind(v) != "time"
+            ):
                 values.append(v)
         values = _unique(values)
         if len(values) > 1:
@@ -870,7 +961,13 @@ def _auto_axes(layout: _Layout, frames: h5py.Dataset, n: int) -> dict[str, tuple
 
     if "time" not in found:
         for names in _TIME_NAMES:
-            cands = _unique([d for d in layout.timed if d.shape[0] == n and d.name.rsplit("/", 1)[-1].lower() in names])
+            cands = _unique(
+                [
+                    d
+                    for d in layout.timed
+                    if d.shape[0] == n and d.name.rsplit("/", 1)[-1].lower() in names
+                ]
+            )
             if len(cands) == 1:
                 got = _scaled(cands[0], "time")
                 if got is not None:
@@ -913,7 +1010,9 @@ def _read_external(spec: Any, key: str, f: h5py.File | None) -> tuple[np.ndarray
                 return _dataset_axis(g, inner, key, f"{key} file {str(path)!r}")
         return _read_csv_column(path, inner, key)
     if f is None:
-        raise InputError(f"{key} source {spec!r}: expected 'file.csv:column' with an existing CSV file")
+        raise InputError(
+            f"{key} source {spec!r}: expected 'file.csv:column' with an existing CSV file"
+        )
     return _dataset_axis(f, spec, key, f"scan file {f.filename!r}")
 
 
@@ -924,12 +1023,16 @@ def _dataset_axis(f: h5py.File, path: str, key: str, label: str) -> tuple[np.nda
         obj = _child(obj, "value" if cls == "NXpositioner" else "data")
     if not isinstance(obj, h5py.Dataset):
         listing = _listing(_find_datasets_1d(f))
-        raise InputError(f"{label}: {key} dataset {path} not found; 1-D datasets in the file: {listing}")
+        raise InputError(
+            f"{label}: {key} dataset {path} not found; 1-D datasets in the file: {listing}"
+        )
     got = _scaled(obj, key)
     if got is None:
         units = _attr_str(obj.attrs.get("units"))
         expected = "a length (mm, um, m)" if key == "position" else "a time (s, ms, us)"
-        raise InputError(f"{label}: {key} dataset {obj.name} has units {units!r}; expected {expected}")
+        raise InputError(
+            f"{label}: {key} dataset {obj.name} has units {units!r}; expected {expected}"
+        )
     return got
 
 
@@ -950,7 +1053,11 @@ def _read_csv_column(path: Path, column: str | None, key: str) -> tuple[np.ndarr
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{label} could not be read as CSV text: {exc}") from None
-    rows = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip() and not line.lstrip().startswith("#")]
+    rows = [
+        (i + 1, line)
+        for i, line in enumerate(text.splitlines())
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
     if len(rows) < 2:
         raise InputError(f"{label}: expected a header line and one row per frame")
     header = rows[0][1]
@@ -978,7 +1085,9 @@ def _read_csv_column(path: Path, column: str | None, key: str) -> tuple[np.ndarr
         try:
             values[j] = float(cell)
         except ValueError:
-            raise InputError(f"{label}: column {names[idx]!r} line {lineno} value {cell!r} is not a number") from None
+            raise InputError(
+                f"{label}: column {names[idx]!r} line {lineno} value {cell!r} is not a number"
+            ) from None
     return values, f"{path}:{names[idx]}"
 
 
@@ -1020,8 +1129,10 @@ def _validate_axis(values: np.ndarray, n: int, key: str, origin: str) -> np.ndar
     if values.ndim > 1 and sum(s > 1 for s in values.shape) <= 1:
         values = values.reshape(-1)
     if values.ndim != 1 or values.shape[0] != n:
-        raise InputError(f"{key} values from {origin}: {values.shape[0] if values.ndim == 1 else values.shape} "
-                         f"values but the scan has {n} frames; expected one per frame")
+        raise InputError(
+            f"{key} values from {origin}: {values.shape[0] if values.ndim == 1 else values.shape} "
+            f"values but the scan has {n} frames; expected one per frame"
+        )
     bad = np.flatnonzero(~np.isfinite(values))
     if bad.size:
         raise InputError(
@@ -1061,7 +1172,9 @@ def _open_series(paths: list[str], source: Any) -> _ImageSeries:
         raise InputError(f"{len(missing)} of {len(paths)} frame files do not exist: {shown}{more}")
     first = paths[0]
     if _is_hdf5(Path(first)):
-        raise InputError(f"frame file {first!r} is HDF5: pass the HDF5 file itself as the scan source, not a list")
+        raise InputError(
+            f"frame file {first!r} is HDF5: pass the HDF5 file itself as the scan source, not a list"
+        )
     try:
         img = fabio.open(first)
         data = img.data
@@ -1072,7 +1185,9 @@ def _open_series(paths: list[str], source: Any) -> _ImageSeries:
             f"(or an HDF5 file): {exc}"
         ) from None
     if data is None or data.ndim != 2:
-        raise InputError(f"frame file {first!r} holds shape {getattr(data, 'shape', None)}; expected a 2-D image")
+        raise InputError(
+            f"frame file {first!r} holds shape {getattr(data, 'shape', None)}; expected a 2-D image"
+        )
     if nframes and nframes > 1:
         raise InputError(
             f"frame file {first!r} holds {nframes} frames; expected one image per file (multi-frame files: "
@@ -1083,20 +1198,28 @@ def _open_series(paths: list[str], source: Any) -> _ImageSeries:
     # Same format + same byte count implies the same frame shape in practice; read one header
     # per other size. Chunk readers check every frame's shape anyway.
     _, reps = np.unique(sizes, return_index=True)
-    checks = [i for i in sorted(reps) if sizes[i] != sizes[0]][:_MAX_HEADER_CHECKS] + [len(paths) - 1]
+    checks = [i for i in sorted(reps) if sizes[i] != sizes[0]][:_MAX_HEADER_CHECKS] + [
+        len(paths) - 1
+    ]
     for i in dict.fromkeys(checks):
         if i == 0:
             continue
         try:
             hdr_shape = tuple(fabio.openheader(paths[i]).shape)
         except Exception as exc:  # fabio raises assorted errors on unknown or garbled files
-            raise InputError(f"frame file {paths[i]!r} could not be read as an image: {exc}") from None
+            raise InputError(
+                f"frame file {paths[i]!r} could not be read as an image: {exc}"
+            ) from None
         if hdr_shape != shape:
             raise InputError(
                 f"frame file {paths[i]!r} has shape {hdr_shape} but {first!r} has {shape}; "
                 "expected all series frames of one shape"
             )
-    root = os.path.commonpath([os.path.abspath(p) for p in (paths[0], paths[-1])]) if len(paths) > 1 else ""
+    root = (
+        os.path.commonpath([os.path.abspath(p) for p in (paths[0], paths[-1])])
+        if len(paths) > 1
+        else ""
+    )
     if root and not os.path.isdir(root):
         root = os.path.dirname(root)
     absolute = [os.path.abspath(p) for p in paths]
