@@ -60,6 +60,7 @@ OKABE_ITO = (
     "#F0E442",  # yellow
 )
 _UNASSIGNED_COLOR = "#7f7f7f"
+_SHOWN = 0.01  # phases below this weight fraction everywhere are left out of the fraction plots
 _RESIDUAL_COLOR = "#bdbdbd"
 _EXTRA_COLORS = ("#332288", "#882255", "#117733", "#999933", "#44AA99", "#AA4499", "#DDCC77")
 
@@ -131,9 +132,19 @@ def phase_colors(ds: xr.Dataset | None = None, names: Iterable[str] = ()) -> dic
     ordered: list[str] = []
     if ds is not None:
         if "phase" in ds.coords:
-            ordered += [str(p) for p in ds.coords["phase"].values]
-        for dim in ("q", "r"):
-            ordered += _component_phase(ds, dim) or []
+            names = [str(p) for p in ds.coords["phase"].values]
+            present = names
+            if "phase_fraction" in ds and "phase" in ds["phase_fraction"].dims:
+                peak = ds["phase_fraction"].max([d for d in ds["phase_fraction"].dims if d != "phase"])
+                present = [n for n, v in zip(names, np.asarray(peak.values), strict=True) if v >= _SHOWN]
+            # phases actually found get the first (most distinct) colours
+            ordered += present
+            for dim in ("q", "r"):
+                ordered += [p for p in (_component_phase(ds, dim) or []) if p]
+            ordered += names
+        else:
+            for dim in ("q", "r"):
+                ordered += [p for p in (_component_phase(ds, dim) or []) if p]
     ordered += [str(n) for n in names]
     colors: dict[str, str] = {}
     palette = list(OKABE_ITO) + list(_EXTRA_COLORS)
@@ -157,10 +168,9 @@ def _component_styles(ds: xr.Dataset, dim: str) -> list[tuple[str, str, str]]:
     styles = []
     seen: dict[str, int] = {}
     spare = iter(_EXTRA_COLORS * 4)
-    comp_labels = ds.coords["component"].values if "component" in ds.coords else range(n)
     for i in range(n):
-        cname = f"C{comp_labels[i]}" if np.issubdtype(np.asarray(comp_labels).dtype, np.integer) else str(comp_labels[i])
-        phase = phases[i] if phases else None
+        cname = f"C{i + 1}"
+        phase = (phases[i] or None) if phases else None
         if phase is None or phase.lower() == "unassigned":
             color = next(spare) if phase is None else _UNASSIGNED_COLOR
             label = cname if phase is None else f"{cname}: unassigned"
@@ -377,8 +387,8 @@ def plot_components(ds: xr.Dataset, dim: str = "q", *, spacing: float = 1.15) ->
             ref = np.asarray(refs.sel(phase=phases[i]).transpose(dim).values, dtype=float)
             fitted = _scaled_reference(c, ref)
             if fitted is not None:
-                ax.plot(x, (fitted - lo) / height + offset, color="black", lw=0.9, alpha=0.75,
-                        label=None if ref_drawn else "reference (scaled)")
+                ax.plot(x, (fitted - lo) / height + offset, color="black", lw=0.8, ls=(0, (3, 2)),
+                        zorder=3, label=None if ref_drawn else "reference (scaled)")
                 ref_drawn = True
         ax.plot(x, (c - lo) / height + offset, color=color, ls=ls, lw=1.5, label=label)
     ax.set_yticks([])
@@ -424,24 +434,29 @@ def _draw_fractions(ax, ds: xr.Dataset, boundaries: list[float], *, vertical: bo
     fill = ax.fill_betweenx if vertical else ax.fill_between
     for j, name in enumerate(names):
         top = bottom + f[:, j]
-        fill(s, bottom, top, color=colors[name], lw=0, label=_pretty(name))
+        if not np.any(f[:, j] >= _SHOWN):
+            bottom = top
+            continue
+        fill(s, bottom, top, color=colors[name], lw=0, step="mid", label=_pretty(name))
         bottom = top
     if residual is not None:
-        fill(s, bottom, bottom + np.nan_to_num(residual[order]), facecolor="white",
+        fill(s, bottom, bottom + np.nan_to_num(residual[order]), facecolor="white", step="mid",
              edgecolor=_RESIDUAL_COLOR, hatch="///", lw=0, label="residual / amorphous")
     line = ax.axhline if vertical else ax.axvline
     for b in boundaries:
         line(b, color="black", lw=1.0, ls="--")
+    half = float(np.median(np.diff(s))) / 2 if len(s) > 1 else 0.5
+    lims = (s.min() - half, s.max() + half)  # each point drawn as a bin of one step
     if vertical:
         ax.set_xlim(0, 1)
-        ax.set_ylim(s.min(), s.max())
+        ax.set_ylim(*lims)
         ax.set_xlabel("weight fraction")
         ax.set_ylabel(scan_label)
         if scan_label.startswith("position"):
             ax.invert_yaxis()
     else:
         ax.set_ylim(0, 1)
-        ax.set_xlim(s.min(), s.max())
+        ax.set_xlim(*lims)
         ax.set_ylabel("weight fraction")
         ax.set_xlabel(scan_label)
 
