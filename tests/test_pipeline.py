@@ -1,0 +1,151 @@
+"""The whole pipeline on simulated scans: resume after SIGKILL, dask modes, time binning."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from xrdmap.config import validate_config
+from xrdmap.errors import InputError
+from xrdmap.pipeline import bin_points, demo_config, integrate_checkpointed, run
+from xrdmap.results import open_result
+
+
+@pytest.fixture(scope="module")
+def small_scan(tmp_path_factory) -> Path:
+    from xrdmap.simulate import simulate_scan
+
+    folder = tmp_path_factory.mktemp("scan")
+    return simulate_scan("composite", folder / "scan.h5", points=12, size=128, seed=3)
+
+
+def _config(scan: Path, out: Path, **over):
+    cfg = demo_config(scan, out.parent, workers=0)
+    data = cfg.model_dump()
+    data["output"]["path"] = str(out)
+    data["scan"]["chunk_frames"] = 2
+    for dotted, value in over.items():
+        section, key = dotted.split("__")
+        data[section][key] = value
+    return validate_config(data)
+
+
+def test_integration_resumes_after_sigkill_without_recomputing(small_scan, tmp_path):
+    out = tmp_path / "result.h5"
+    cfg = _config(small_scan, out)
+    # a separate process integrates and is SIGKILLed by its own progress callback after
+    # two of six chunks are checkpointed
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from xrdmap.config import RunConfig
+        from xrdmap.pipeline import _open_scan, integrate_checkpointed
+        cfg = RunConfig.model_validate_json({cfg.model_dump_json()!r})
+        def progress(done, total):
+            if done == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+        integrate_checkpointed(_open_scan(cfg), cfg, progress=progress)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    ckpt = out.with_name(out.name + ".checkpoint")
+    chunks = sorted(ckpt.glob("chunk_*.npz"))
+    assert len(chunks) == 2
+    assert not out.exists()
+    stamps = {p.name: p.stat().st_mtime_ns for p in chunks}
+
+    starts = []
+    resumed = integrate_checkpointed(
+        _scan(cfg), cfg, progress=lambda done, total: starts.append((done, total))
+    )
+    assert starts[0] == (2, 6)  # two chunks reused, four computed
+    assert {p.name: p.stat().st_mtime_ns for p in chunks} == stamps
+
+    fresh_cfg = _config(small_scan, tmp_path / "fresh.h5")
+    fresh = integrate_checkpointed(_scan(fresh_cfg), fresh_cfg)
+    np.testing.assert_array_equal(resumed["iq"].values, fresh["iq"].values)
+    np.testing.assert_array_equal(resumed["iq_sigma"].values, fresh["iq_sigma"].values)
+
+
+def _scan(cfg):
+    from xrdmap.pipeline import _open_scan
+
+    return _open_scan(cfg)
+
+
+def test_checkpoints_of_other_parameters_are_discarded(small_scan, tmp_path):
+    out = tmp_path / "result.h5"
+    cfg = _config(small_scan, out)
+    integrate_checkpointed(_scan(cfg), cfg)
+    other = _config(small_scan, out, integration__npt=700)
+    messages = []
+    ds = integrate_checkpointed(_scan(other), other, log=messages.append)
+    assert ds.sizes["q"] == 700
+    assert any("discarding" in m for m in messages)
+
+
+@pytest.mark.slow
+def test_local_cluster_gives_the_same_numbers_as_in_process(small_scan, tmp_path):
+    a = _config(small_scan, tmp_path / "a.h5")
+    b = _config(small_scan, tmp_path / "b.h5", compute__workers=2)
+    from xrdmap.cluster import dask_client
+
+    in_process = integrate_checkpointed(_scan(a), a)
+    with dask_client(workers=2) as client:
+        distributed = integrate_checkpointed(_scan(b), b, client=client)
+    np.testing.assert_array_equal(in_process["iq"].values, distributed["iq"].values)
+    np.testing.assert_array_equal(in_process["iq_sigma"].values, distributed["iq_sigma"].values)
+
+
+def test_full_run_writes_a_complete_result(small_scan, tmp_path):
+    out = tmp_path / "result.h5"
+    cfg = _config(small_scan, out, output__figures=False, output__report=False)
+    outputs = run(cfg)
+    ds = open_result(outputs.result)
+    for name in ("iq", "iq_sigma", "gr", "sq", "fq", "phase_fraction", "nmf_q_weights", "nmf_r_weights",
+                 "coherence_length"):
+        assert name in ds, name
+    assert ds.sizes["point"] == 12
+    np.testing.assert_allclose(ds["phase_fraction"].sum("phase"), 1.0, atol=1e-6)
+    assert ds.attrs["configuration"]["pdf"]["composition"] == cfg.pdf.composition
+    assert not out.with_name(out.name + ".checkpoint").exists()
+
+
+def test_bin_points_averages_and_combines_uncertainties():
+    n, nq = 10, 4
+    iq = np.arange(n * nq, dtype=float).reshape(n, nq)
+    sigma = np.ones((n, nq))
+    ds = xr.Dataset(
+        {"iq": (("point", "q"), iq), "iq_sigma": (("point", "q"), sigma),
+         "masked_pixels": (("point",), np.ones(n, dtype=np.int64))},
+        coords={"point": np.arange(n), "q": np.arange(nq), "time": ("point", np.arange(n) * 0.001)},
+    )
+    binned = bin_points(ds, time_bin=3)
+    assert binned.sizes["point"] == 3  # the incomplete last bin is dropped
+    np.testing.assert_allclose(binned["iq"][0], iq[:3].mean(0))
+    np.testing.assert_allclose(binned["iq_sigma"][0], np.sqrt(3) / 3)
+    np.testing.assert_allclose(binned["time"], [0.001, 0.004, 0.007])
+    np.testing.assert_array_equal(binned["masked_pixels"], [3, 3, 3])
+    window = bin_points(ds, time_window=(0.0025, 0.0065))
+    np.testing.assert_allclose(window["time"], [0.003, 0.004, 0.005, 0.006])
+    with pytest.raises(InputError, match="time_window"):
+        bin_points(ds, time_window=(1.0, 2.0))
+    with pytest.raises(InputError, match="time_bin"):
+        bin_points(ds, time_bin=50)
+
+
+def test_cli_run_reports_bad_config_with_exit_code_3(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("scan: {source: s.h5}\ngeometry: {poni: g.poni}\nintegration: {npt: lots}\n")
+    proc = subprocess.run([sys.executable, "-m", "xrdmap", "run", str(cfg)], capture_output=True, text=True)
+    assert proc.returncode == 3
+    assert "integration.npt" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 2

@@ -1,0 +1,5 @@
+"""``python -m xrdmap``: the same as the ``xrdmap`` command."""
+
+from xrdmap.cli import main
+
+main()
