@@ -81,7 +81,10 @@ def _num(value: Any, fmt: str = ".4g") -> str:
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, numeric: Sequence[bool] = (),
            row_class: Sequence[str] = ()) -> str:
     """An HTML table; cells are escaped unless given as ``_Raw``."""
-    out = ["<table><thead><tr>", *(f"<th>{_e(h)}</th>" for h in header), "</tr></thead><tbody>"]
+    out = ["<table>"]
+    if any(header):
+        out += ["<thead><tr>", *(f"<th>{_e(h)}</th>" for h in header), "</tr></thead>"]
+    out.append("<tbody>")
     for i, row in enumerate(rows):
         cls = row_class[i] if i < len(row_class) and row_class[i] else ""
         out.append(f'<tr class="{cls}">' if cls else "<tr>")
@@ -371,7 +374,9 @@ def _zone_section(ds: xr.Dataset, colors: Mapping[str, str]) -> str:
                       for p in phases)
     return (f"<p>Zone boundaries: <strong>{_e(where)}</strong> <span class=\"muted\">({_e(source)})</span></p>"
             + _table(header, rows, numeric=[True, False, True] + [True] * (len(header) - 3))
-            + f'<p class="muted">Mean ± standard deviation over the points of each zone. {legend}</p>')
+            + '<p class="muted">Mean ± standard deviation over the points of each zone, as stored in '
+              "<code>phase_fraction</code>; the residual is the share of the signal that no reference "
+              f"phase explains (amorphous or unknown). {legend}</p>")
 
 
 def _ranges(values: np.ndarray, step: float) -> list[str]:
