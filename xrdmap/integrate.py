@@ -1,0 +1,731 @@
+"""Azimuthal integration of whole scans: frames (point, y, x) -> I(Q), sigma(Q) (point, q).
+
+The integration is pyFAI's bounding-box pixel splitting (method ``("bbox", "csr",
+"cython")``), re-organised for scans: the sparse integration matrix is built **once** per
+process from pyFAI's geometry, the frame-independent corrections (solid angle,
+polarization, flat field, static mask) are folded into it, and batches of frames are
+reduced by one sparse x dense product instead of one pyFAI call per frame.
+
+For every q bin ``i`` and frame ``f`` (pixel values ``x_j``, pyFAI's bbox coefficients
+``c_ij``, normalisation ``n_j = flat_j * polarization_j * solid_angle_j``) the result is
+what pyFAI's ``integrate1d(..., method=("bbox", "csr", "cython"), error_model="poisson")``
+returns, divided by the point's monitor ``m``::
+
+    I_i     = sum_j c_ij (x_j - dark_j) / sum_j c_ij n_j / m
+    sigma_i = sqrt(sum_j c_ij^2 max(x_j, 1)) / sum_j c_ij n_j / m
+
+The Poisson variance of a pixel is its raw count ``max(x_j, 1)`` (which already holds the
+dark counts); the noise of the dark frame itself is not added. This is what pyFAI's
+cython CSR engine does (checked against pyFAI 2026.9 in the tests), even though pyFAI's
+pure-Python ``preproc`` documents ``max(x, 1) + dark``.
+
+The sums run over valid pixels: not masked, finite normalisation, and -- per frame --
+finite pixel values (pixels that are NaN/inf, or equal to the detector's pyFAI ``dummy``
+value, are left out of that frame only and counted in ``masked_pixels``).
+
+Pixel values are handled in float32, as pyFAI does, and summed in float64; results are
+float64.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import zlib
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import scipy.sparse as sp
+import xarray as xr
+
+from xrdmap.errors import InputError
+
+__all__ = [
+    "PYFAI_METHOD",
+    "ArraySource",
+    "IntegrationSpec",
+    "IntegrationEngine",
+    "IntegratedFrames",
+    "make_spec",
+    "get_engine",
+    "integrate_frames",
+    "integrate_scan",
+]
+
+PYFAI_METHOD = ("bbox", "csr", "cython")
+UNIT = "q_A^-1"
+ERROR_MODELS = ("poisson", None)
+# Frames reduced together: the transposed pixel block (block_pixels x batch) float32 stays
+# in cache while both the intensity and the variance matrices consume it.
+BATCH_FRAMES = 32
+BLOCK_PIXELS = 32768
+# Chunk size used when integrate_scan gets an in-memory stack (bytes of frames per task).
+CHUNK_BYTES = 128 * 2**20
+
+
+# --------------------------------------------------------------------------------------
+# The small, picklable description of an integration
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class ArraySource:
+    """A detector-sized array (mask, dark, flat) carried by value or by file path.
+
+    By value the array travels as zlib-compressed bytes (masks are bit-packed first, so
+    a 2880 x 2880 mask is a few kB); by path only the path and the file's sha256 travel
+    and each worker reads the file itself.
+    """
+
+    name: str
+    digest: str
+    shape: tuple[int, int]
+    dtype: str
+    path: str | None = None
+    payload: bytes | None = None
+
+    @classmethod
+    def from_array(cls, name: str, array: Any) -> ArraySource:
+        """Carry ``array`` by value (``name`` is what error messages call it)."""
+        arr = np.asarray(array)
+        if arr.ndim != 2:
+            raise InputError(f"{name} has shape {arr.shape} but a 2-D detector image was expected")
+        if arr.dtype.kind not in "biuf":
+            raise InputError(f"{name} has dtype {arr.dtype} but a numeric image was expected")
+        if name == "mask":
+            arr = arr.astype(bool)
+            raw = np.packbits(arr, axis=None).tobytes()
+        else:
+            arr = np.ascontiguousarray(arr)
+            raw = arr.tobytes()
+        h = hashlib.sha256(f"{name}|{arr.dtype.str}|{arr.shape}|".encode())
+        h.update(raw)
+        return cls(name, h.hexdigest(), tuple(int(s) for s in arr.shape), arr.dtype.str,
+                   payload=zlib.compress(raw, 1))
+
+    @classmethod
+    def from_path(cls, name: str, path: str | Path) -> ArraySource:
+        """Carry ``path`` (read here once to check it; workers re-read and verify it)."""
+        from xrdmap.io import file_checksum, read_image
+
+        p = Path(path)
+        arr = read_image(p)
+        if arr.ndim != 2:
+            raise InputError(f"{name} file {str(p)!r} holds shape {arr.shape} but a 2-D image was expected")
+        return cls(name, file_checksum(p), tuple(int(s) for s in arr.shape), arr.dtype.str,
+                   path=str(p.resolve()))
+
+    def load(self) -> np.ndarray:
+        """The array (bool for a mask, the stored dtype otherwise)."""
+        if self.payload is not None:
+            raw = zlib.decompress(self.payload)
+            if self.name == "mask":
+                n = self.shape[0] * self.shape[1]
+                return np.unpackbits(np.frombuffer(raw, np.uint8), count=n).astype(bool).reshape(self.shape)
+            return np.frombuffer(raw, dtype=np.dtype(self.dtype)).reshape(self.shape)
+        from xrdmap.io import file_checksum, read_image
+
+        if file_checksum(self.path) != self.digest:
+            raise InputError(f"{self.name} file {self.path!r} changed after the integration was set up")
+        arr = read_image(self.path)
+        return arr.astype(bool) if self.name == "mask" else arr
+
+    def __hash__(self) -> int:
+        return hash(self.digest)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ArraySource) and other.digest == self.digest
+
+
+@dataclass(frozen=True, eq=False)
+class IntegrationSpec:
+    """Everything that defines an integration, small enough to ship in a dask graph.
+
+    Build it with :func:`make_spec` (which validates it). Engines are built from a spec
+    where they run (:func:`get_engine`); specs compare and hash by :attr:`digest`.
+
+    Attributes
+    ----------
+    poni_json
+        The PONI geometry (pyFAI ``get_config()`` dictionary) as canonical JSON.
+    shape
+        Frame shape (y, x) in pixels.
+    npt
+        Number of q bins.
+    q_range
+        (min, max) of the q bins in A^-1, or ``None`` for the full reach of the detector.
+    polarization_factor
+        pyFAI polarization factor (-1..1), ``None`` for no polarization correction.
+    error_model
+        ``"poisson"`` (variance = max(raw counts, 1)) or ``None`` (no sigma).
+    mask, dark, flat
+        :class:`ArraySource` or ``None``. Mask: non-zero = excluded pixel.
+    """
+
+    poni_json: str
+    shape: tuple[int, int]
+    npt: int = 2000
+    q_range: tuple[float, float] | None = None
+    polarization_factor: float | None = 0.99
+    error_model: str | None = "poisson"
+    mask: ArraySource | None = None
+    dark: ArraySource | None = None
+    flat: ArraySource | None = None
+    digest: str = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        parts = [self.poni_json, repr(self.shape), repr(self.npt), repr(self.q_range),
+                 repr(self.polarization_factor), repr(self.error_model)]
+        parts += [a.digest if a is not None else "-" for a in (self.mask, self.dark, self.flat)]
+        object.__setattr__(self, "digest", hashlib.sha256("|".join(parts).encode()).hexdigest())
+
+    @property
+    def poni(self) -> dict[str, Any]:
+        """The PONI geometry as a dictionary."""
+        return json.loads(self.poni_json)
+
+    def __hash__(self) -> int:
+        return hash(self.digest)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, IntegrationSpec) and other.digest == self.digest
+
+    def __dask_tokenize__(self) -> str:
+        return self.digest
+
+
+def _poni_dict(poni: Mapping[str, Any] | str | Path) -> dict[str, Any]:
+    from xrdmap.geometry import read_poni
+
+    if isinstance(poni, (str, Path)):
+        return read_poni(poni)
+    if not isinstance(poni, Mapping):
+        raise InputError(f"poni {type(poni).__name__}: expected a PONI file path or a PONI dictionary")
+    missing = [k for k in ("dist", "poni1", "poni2", "wavelength", "detector") if k not in poni]
+    if missing:
+        raise InputError(f"poni dictionary lacks {', '.join(missing)} (expected pyFAI get_config() keys)")
+    return dict(poni)
+
+
+def _json_value(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"PONI value of type {type(obj).__name__} is not JSON-serialisable")
+
+
+def _array_source(name: str, value: Any) -> ArraySource | None:
+    if value is None or isinstance(value, ArraySource):
+        return value
+    if isinstance(value, (str, Path)):
+        return ArraySource.from_path(name, value)
+    return ArraySource.from_array(name, value)
+
+
+def make_spec(
+    poni: Mapping[str, Any] | str | Path,
+    shape: tuple[int, int] | None = None,
+    *,
+    mask: Any = None,
+    dark: Any = None,
+    flat: Any = None,
+    npt: int = 2000,
+    q_range: tuple[float, float] | None = None,
+    polarization_factor: float | None = 0.99,
+    error_model: str | None = "poisson",
+) -> IntegrationSpec:
+    """Validate the integration parameters and bundle them into an :class:`IntegrationSpec`.
+
+    Parameters
+    ----------
+    poni
+        PONI file path or dictionary (as :func:`xrdmap.geometry.read_poni` returns).
+    shape
+        Frame shape (y, x); default: the PONI detector's shape.
+    mask, dark, flat
+        Arrays, image file paths, or ``None``. Mask: non-zero pixels are excluded (the
+        detector's own mask, e.g. module gaps, is always added). Dark is subtracted
+        (counts); the flat divides, as pyFAI's ``flat``.
+    npt
+        Number of q bins (>= 2).
+    q_range
+        (min, max) in A^-1; must lie within the detector's reach.
+    polarization_factor
+        pyFAI polarization factor in [-1, 1]; ``None`` for no correction.
+    error_model
+        ``"poisson"`` or ``None``.
+    """
+    from xrdmap.geometry import make_integrator
+
+    cfg = _poni_dict(poni)
+    try:
+        poni_json = json.dumps(cfg, sort_keys=True, default=_json_value)
+    except TypeError as exc:
+        raise InputError(f"poni dictionary: {exc}") from None
+    ai = make_integrator(cfg)
+    det = ai.detector
+    det_shape = tuple(int(s) for s in det.shape) if det.shape is not None else None
+    if shape is None:
+        if det_shape is None:
+            raise InputError(f"PONI detector {det.name} has no fixed shape: give the frame shape")
+        shape = det_shape
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 2:
+        raise InputError(f"frame shape {shape}: expected 2 dimensions (y, x)")
+    if det_shape is not None and shape != det_shape:
+        raise InputError(f"frames have shape {shape} but the PONI detector {det.name} expects {det_shape}")
+    if isinstance(npt, bool) or not isinstance(npt, (int, np.integer)) or npt < 2:
+        raise InputError(f"npt {npt!r}: expected an integer number of q bins >= 2")
+    if error_model is not None and str(error_model).lower() == "none":
+        error_model = None
+    if error_model is not None:
+        error_model = str(error_model).lower()
+    if error_model not in ERROR_MODELS:
+        raise InputError(f"error_model {error_model!r}: expected 'poisson' or None")
+    if polarization_factor is not None:
+        polarization_factor = float(polarization_factor)
+        if not -1.0 <= polarization_factor <= 1.0:
+            raise InputError(f"polarization_factor {polarization_factor}: expected a value in [-1, 1] or None")
+    sources = {name: _array_source(name, value) for name, value in (("mask", mask), ("dark", dark), ("flat", flat))}
+    for name, src in sources.items():
+        if src is not None and src.shape != shape:
+            where = f" file {src.path!r}" if src.path else ""
+            raise InputError(f"{name}{where} has shape {src.shape} but the frames have shape {shape}")
+    if q_range is not None:
+        q_range = _check_q_range(q_range, ai, shape, npt)
+    return IntegrationSpec(poni_json, shape, int(npt), q_range, polarization_factor, error_model,
+                           sources["mask"], sources["dark"], sources["flat"])
+
+
+def _check_q_range(q_range, ai, shape, npt) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in q_range)
+    except (TypeError, ValueError):
+        raise InputError(f"q_range {q_range!r}: expected two numbers (min, max) in A^-1") from None
+    if not (np.isfinite(lo) and np.isfinite(hi) and 0 <= lo < hi):
+        raise InputError(f"q_range {q_range!r}: expected 0 <= min < max in A^-1")
+    q = ai.array_from_unit(shape, "center", UNIT, scale=True)
+    qmin, qmax = float(np.nanmin(q)), float(np.nanmax(q))
+    width = (hi - lo) / npt  # one bin of slack at either end
+    if lo < qmin - width or hi > qmax + width:
+        raise InputError(
+            f"q_range ({lo:g}, {hi:g}) A^-1 is outside the geometry's reach "
+            f"({qmin:.4g}-{qmax:.4g} A^-1 on this detector)"
+        )
+    return lo, hi
+
+
+# --------------------------------------------------------------------------------------
+# The engine: one per process, built from the spec where it runs
+# --------------------------------------------------------------------------------------
+
+
+class IntegratedFrames(NamedTuple):
+    """Result of integrating a stack of frames (numpy arrays).
+
+    ``q`` (npt,) in A^-1; ``iq`` and ``sigma`` (n, npt) float64, divided by the monitor
+    (``sigma`` is ``None`` without an error model); ``masked_pixels`` (n,) int: pixels
+    of the integrated region excluded in that frame only (NaN/inf or the dummy value).
+    """
+
+    q: np.ndarray
+    iq: np.ndarray
+    sigma: np.ndarray | None
+    masked_pixels: np.ndarray
+
+
+class _Block(NamedTuple):
+    j0: int  # pixel range [j0, j1) of the flattened frame
+    j1: int
+    r0: int  # q-bin rows [r0, r1) the block touches
+    r1: int
+    w: sp.csc_matrix  # c_ij / D_i            (r1 - r0, j1 - j0) float32
+    w2: sp.csc_matrix | None  # (c_ij / D_i)^2
+    dark: np.ndarray | None  # dark_j, float32 (j1 - j0, 1)
+
+
+class IntegrationEngine:
+    """Integration matrix of one :class:`IntegrationSpec`, with corrections folded in.
+
+    Built from pyFAI's bbox CSR integrator. Do not pickle it (it is large and refuses);
+    ship the spec and call :func:`get_engine` where the frames are.
+    """
+
+    def __init__(self, spec: IntegrationSpec, *, block_pixels: int = BLOCK_PIXELS,
+                 batch_frames: int = BATCH_FRAMES) -> None:
+        from pyFAI.units import to_unit
+
+        from xrdmap.geometry import make_integrator
+
+        self.spec = spec
+        self.batch_frames = int(batch_frames)
+        shape = spec.shape
+        npix = shape[0] * shape[1]
+        ai = make_integrator(spec.poni)
+        det = ai.detector
+        self._dummy = (det.dummy, det.delta_dummy, det)
+        mask = np.zeros(shape, bool)
+        if det.mask is not None and tuple(det.mask.shape) == shape:
+            mask |= det.mask.astype(bool)
+        if spec.mask is not None:
+            mask |= spec.mask.load()
+        self.static_mask = mask
+        unit = to_unit(UNIT)
+        pos0_range = None if spec.q_range is None else tuple(v / unit.scale for v in spec.q_range)
+        csr = ai.setup_sparse_integrator(
+            shape, spec.npt, mask=mask.astype(np.int8), pos0_range=pos0_range,
+            mask_checksum=spec.mask.digest if spec.mask is not None else "none",
+            unit=unit, split=PYFAI_METHOD[0], algo=PYFAI_METHOD[1], empty=0.0, scale=False,
+        )
+        self.q = np.asarray(csr.bin_centers, dtype=np.float64) * unit.scale
+        data, indices, indptr = csr.lut
+        a = sp.csr_matrix((np.asarray(data, np.float64), indices, indptr), shape=(spec.npt, npix))
+
+        norm = ai.solidAngleArray(shape, True).astype(np.float64)
+        if spec.polarization_factor is not None:
+            norm = norm * ai.polarization(shape, spec.polarization_factor)
+        dark = None
+        if spec.flat is not None:
+            norm = norm * spec.flat.load()
+        valid = ~mask & np.isfinite(norm) & (norm != 0)
+        if spec.dark is not None:
+            dark = np.asarray(spec.dark.load(), np.float32)
+            valid &= np.isfinite(dark)
+        valid = valid.ravel()
+        norm = np.where(valid, norm.ravel(), 0.0)
+        a = a @ sp.diags(valid.astype(np.float64))
+        a.eliminate_zeros()
+        denom = a @ norm
+        self.empty_bins = denom <= 0
+        scale = np.divide(1.0, denom, out=np.zeros_like(denom), where=~self.empty_bins)
+        w = (sp.diags(scale) @ a).tocsc()
+        w.sort_indices()
+        self.norm = norm.astype(np.float32)
+        self.used = np.diff(w.indptr) > 0  # pixels that feed at least one bin
+        self.dark = None if dark is None else np.where(valid, dark.ravel(), 0.0).astype(np.float32)
+        variance = spec.error_model == "poisson"
+        self.nnz = int(w.nnz)
+        self.blocks = self._split(w, variance, block_pixels)
+
+    def _split(self, w: sp.csc_matrix, variance: bool, block_pixels: int) -> list[_Block]:
+        blocks = []
+        npix = w.shape[1]
+        data32 = w.data.astype(np.float32)
+        for j0 in range(0, npix, block_pixels):
+            j1 = min(j0 + block_pixels, npix)
+            n0, n1 = int(w.indptr[j0]), int(w.indptr[j1])
+            if n0 == n1:
+                continue
+            rows = w.indices[n0:n1]
+            r0, r1 = int(rows.min()), int(rows.max()) + 1
+            idx = (rows - r0).astype(np.int32)
+            ptr = (w.indptr[j0:j1 + 1] - n0).astype(np.int32)
+            shape = (r1 - r0, j1 - j0)
+            d = data32[n0:n1]
+            wb = sp.csc_matrix((d, idx, ptr), shape=shape, copy=False)
+            w2b = sp.csc_matrix((d * d, idx, ptr), shape=shape, copy=False) if variance else None
+            dark = None if self.dark is None else self.dark[j0:j1, None]
+            blocks.append(_Block(j0, j1, r0, r1, wb, w2b, dark))
+        return blocks
+
+    def __reduce__(self):
+        raise TypeError("IntegrationEngine must not be pickled: ship its IntegrationSpec and call get_engine()")
+
+    # ---- products ---------------------------------------------------------------------
+
+    def _reduce(self, x: np.ndarray, *, variance: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """W @ (x - dark) and W^2 @ max(x, 1) for a batch x (k, npix): (npt, k) float64.
+
+        Each block of pixels is transposed into a small float32 buffer (pixel-major, in
+        cache) that both the intensity and the variance matrices consume, so the frames
+        are read once and scipy's CSC x dense kernel streams over contiguous rows.
+        """
+        k = x.shape[0]
+        npt = self.spec.npt
+        out = np.zeros((npt, k))
+        var = np.zeros((npt, k)) if variance else None
+        buf = np.empty((BLOCK_PIXELS, k), np.float32)
+        buf2 = np.empty((BLOCK_PIXELS, k), np.float32) if variance else None
+        for blk in self.blocks:
+            n = blk.j1 - blk.j0
+            xt = x[:, blk.j0:blk.j1].T
+            b = buf[:n]
+            if blk.dark is None:
+                np.copyto(b, xt, casting="unsafe")
+            else:
+                np.subtract(xt, blk.dark, out=b, casting="unsafe")
+            out[blk.r0:blk.r1] += blk.w @ b
+            if variance:
+                b2 = buf2[:n]
+                if blk.dark is None:
+                    np.maximum(b, 1.0, out=b2)
+                else:
+                    np.copyto(b2, xt, casting="unsafe")
+                    np.maximum(b2, 1.0, out=b2)
+                var[blk.r0:blk.r1] += blk.w2 @ b2
+        return out, var
+
+    def _apply(self, x: np.ndarray, squared: bool) -> np.ndarray:
+        """W @ x.T (or W^2 @ x.T) for x (k, npix) already prepared: (npt, k) float64."""
+        k = x.shape[0]
+        out = np.zeros((self.spec.npt, k))
+        buf = np.empty((BLOCK_PIXELS, k), np.float32)
+        for blk in self.blocks:
+            b = buf[: blk.j1 - blk.j0]
+            np.copyto(b, x[:, blk.j0:blk.j1].T, casting="unsafe")
+            out[blk.r0:blk.r1] += (blk.w2 if squared else blk.w) @ b
+        return out
+
+    def _bad_pixels(self, frame: np.ndarray) -> np.ndarray:
+        """Pixels of the integrated region to drop from this frame (flattened bool)."""
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(frame)
+            dummy, delta, det = self._dummy
+            if dummy is not None:
+                d, dd = det.get_dummies(frame.dtype)
+                bad |= np.abs(frame.astype(np.float32) - d) <= dd
+        return bad & self.used
+
+    def _integrate_one_masked(self, frame: np.ndarray, bad: np.ndarray, variance: bool):
+        """One frame whose ``bad`` pixels are excluded: renormalise with the valid pixels."""
+        ok = ~bad
+        f = np.where(ok, frame.astype(np.float32), np.float32(0))
+        sig = f if self.dark is None else np.where(ok, f - self.dark, np.float32(0))
+        num, den = self._apply(np.stack([sig, np.where(ok, self.norm, 0)]), squared=False).T
+        with np.errstate(invalid="ignore", divide="ignore"):
+            empty = den <= 1e-12
+            iq = np.where(empty, np.nan, num / den)
+            sigma = None
+            if variance:
+                v = np.where(ok, np.maximum(f, np.float32(1)), np.float32(0))
+                var = self._apply(v[None], squared=True)[:, 0]
+                sigma = np.where(empty, np.nan, np.sqrt(var) / den)
+        return iq, sigma
+
+    def integrate(self, frames: np.ndarray, monitor: np.ndarray | None = None) -> IntegratedFrames:
+        """Integrate frames (n, y, x) or (y, x); I and sigma are divided by ``monitor`` (n,)."""
+        frames = np.asarray(frames)
+        single = frames.ndim == 2
+        if single:
+            frames = frames[None]
+        if frames.ndim != 3 or tuple(frames.shape[1:]) != self.spec.shape:
+            raise InputError(f"frames have shape {frames.shape} but (n, {self.spec.shape[0]}, "
+                             f"{self.spec.shape[1]}) was expected")
+        n = frames.shape[0]
+        mon = np.ones(n) if monitor is None else np.asarray(monitor, np.float64).reshape(-1)
+        if mon.shape != (n,):
+            raise InputError(f"monitor has {mon.size} values but there are {n} frames")
+        variance = self.spec.error_model == "poisson"
+        npt = self.spec.npt
+        iq = np.empty((n, npt))
+        sigma = np.empty((n, npt)) if variance else None
+        masked = np.zeros(n, np.int64)
+        flat = frames.reshape(n, -1)
+        check_dummy = self._dummy[0] is not None
+        for s in range(0, n, self.batch_frames):
+            x = flat[s:s + self.batch_frames]
+            num, var = self._reduce(x, variance=variance)
+            if variance:
+                np.sqrt(var, out=var)
+            # A non-finite pixel anywhere in the integrated region makes its bins non-finite.
+            suspect = ~np.isfinite(num[~self.empty_bins]).all(axis=0)
+            for k in range(x.shape[0]):
+                bad = None
+                if suspect[k] or check_dummy:
+                    bad = self._bad_pixels(x[k])
+                    masked[s + k] = int(bad.sum())
+                if bad is not None and masked[s + k]:
+                    iq[s + k], sg = self._integrate_one_masked(x[k], bad, variance)
+                    if variance:
+                        sigma[s + k] = sg
+                else:
+                    iq[s + k] = num[:, k]
+                    if variance:
+                        sigma[s + k] = var[:, k]
+        iq[:, self.empty_bins] = np.nan
+        iq /= mon[:, None]
+        if variance:
+            sigma[:, self.empty_bins] = np.nan
+            sigma /= mon[:, None]
+        if single:
+            iq, masked = iq[0], masked[0]
+            sigma = None if sigma is None else sigma[0]
+        return IntegratedFrames(self.q.copy(), iq, sigma, masked)
+
+
+_ENGINES: OrderedDict[str, IntegrationEngine] = OrderedDict()
+_ENGINES_LOCK = threading.Lock()
+_MAX_ENGINES = 2
+
+
+def get_engine(spec: IntegrationSpec) -> IntegrationEngine:
+    """The engine of ``spec``, built on first use and cached in this process.
+
+    At most two engines are kept (e.g. a sample and its background geometry); threads of
+    one process share them.
+    """
+    with _ENGINES_LOCK:
+        engine = _ENGINES.get(spec.digest)
+        if engine is None:
+            engine = IntegrationEngine(spec)
+            _ENGINES[spec.digest] = engine
+            while len(_ENGINES) > _MAX_ENGINES:
+                _ENGINES.popitem(last=False)
+        else:
+            _ENGINES.move_to_end(spec.digest)
+        return engine
+
+
+def integrate_frames(frames: np.ndarray, spec: IntegrationSpec, monitor: np.ndarray | None = None) -> IntegratedFrames:
+    """Integrate in-memory frames (n, y, x) or one frame (y, x) with ``spec`` (no dask)."""
+    return get_engine(spec).integrate(frames, monitor)
+
+
+# --------------------------------------------------------------------------------------
+# Whole scans, lazily
+# --------------------------------------------------------------------------------------
+
+
+def _integrate_block(frames: np.ndarray, monitor: np.ndarray, spec: IntegrationSpec) -> np.ndarray:
+    """dask task: one chunk of frames -> (k, npt [+ npt] + 1) packed iq | sigma | masked."""
+    res = get_engine(spec).integrate(frames, monitor)
+    parts = [res.iq] + ([res.sigma] if res.sigma is not None else []) + [res.masked_pixels[:, None]]
+    return np.concatenate(parts, axis=1)
+
+
+def integrate_scan(
+    scan: xr.DataArray,
+    poni: Mapping[str, Any] | str | Path,
+    *,
+    mask: Any = None,
+    dark: Any = None,
+    flat: Any = None,
+    npt: int = 2000,
+    q_range: tuple[float, float] | None = None,
+    polarization_factor: float | None = 0.99,
+    error_model: str | None = "poisson",
+    chunk_frames: int | None = None,
+) -> xr.Dataset:
+    """Azimuthally integrate every frame of a scan, lazily (one dask task per frame chunk).
+
+    Parameters
+    ----------
+    scan
+        Frames with dims (point, y, x), numpy- or dask-backed (as :func:`xrdmap.open_scan`
+        returns). A ``monitor`` coordinate on ``point``, if present, divides I and sigma.
+    poni
+        PONI file path or dictionary.
+    mask, dark, flat
+        Arrays or image file paths (mask: non-zero = excluded). See :func:`make_spec`.
+    npt
+        Number of q bins.
+    q_range
+        (min, max) of the q axis in A^-1; default the detector's full reach.
+    polarization_factor
+        pyFAI polarization factor; ``None`` for no correction.
+    error_model
+        ``"poisson"`` (gives ``iq_sigma``) or ``None``.
+    chunk_frames
+        Frames per task; default: the scan's own chunks (about 128 MB of frames per task
+        for an in-memory stack).
+
+    Returns
+    -------
+    xarray.Dataset
+        ``iq`` and ``iq_sigma`` (point, q) float64 in detector counts per monitor count,
+        bbox-split and corrected for solid angle, polarization and flat (pyFAI's
+        normalisation); ``q`` in A^-1; ``masked_pixels`` (point) int64; the scan's
+        ``point`` coordinates; attrs ``integration_method`` (pyFAI method triple),
+        ``npt``, ``polarization_factor``, ``error_model``, ``pyfai_version``,
+        ``integration_spec`` (its digest). Dask-backed: compute the variables together
+        (``ds.compute()``), since they come from the same tasks.
+    """
+    import dask.array as da
+    import pyFAI
+
+    if not isinstance(scan, xr.DataArray) or scan.ndim != 3:
+        got = type(scan).__name__ if not isinstance(scan, xr.DataArray) else f"dims {scan.dims}"
+        raise InputError(f"scan: expected a DataArray of frames with dims (point, y, x), got {got}")
+    if scan.dims[0] != "point":
+        raise InputError(f"scan has dims {scan.dims} but (point, y, x) was expected")
+    if scan.dtype.kind not in "biuf":
+        raise InputError(f"scan frames have dtype {scan.dtype} but numeric frames were expected")
+    spec = make_spec(poni, tuple(scan.shape[1:]), mask=mask, dark=dark, flat=flat, npt=npt,
+                     q_range=q_range, polarization_factor=polarization_factor, error_model=error_model)
+    n = scan.shape[0]
+    if chunk_frames is not None and (int(chunk_frames) < 1):
+        raise InputError(f"chunk_frames {chunk_frames}: expected a positive number of frames")
+    data = scan.data
+    if isinstance(data, da.Array):
+        point_chunks = int(chunk_frames) if chunk_frames else data.chunks[0]
+        data = data.rechunk({0: point_chunks, 1: -1, 2: -1})
+    else:
+        frame_bytes = max(1, scan.shape[1] * scan.shape[2] * scan.dtype.itemsize)
+        k = int(chunk_frames) if chunk_frames else max(1, min(n, CHUNK_BYTES // frame_bytes))
+        data = da.from_array(np.asarray(data), chunks=(k, -1, -1))
+    if "monitor" in scan.coords:
+        monitor = np.asarray(scan.coords["monitor"].values, np.float64)
+        bad = np.flatnonzero(~(np.isfinite(monitor) & (monitor > 0)))
+        if bad.size:
+            raise InputError(f"monitor of point {int(bad[0])} is {monitor[bad[0]]}: expected positive monitor counts")
+    else:
+        monitor = np.ones(n)
+    mon = da.from_array(monitor, chunks=(data.chunks[0],))
+    has_sigma = spec.error_model is not None
+    width = spec.npt * (2 if has_sigma else 1) + 1
+    # The spec is one graph key: each worker receives it once, builds its engine once.
+    from dask import delayed
+
+    spec_key = delayed(spec, pure=True)
+    packed = da.blockwise(_integrate_block, "pk", data, "pyx", mon, "p", spec_key, None,
+                          new_axes={"k": width}, dtype=np.float64, concatenate=True,
+                          name=f"integrate-{spec.digest[:12]}")
+    q = _q_axis(spec)
+    coords = {name: c.variable for name, c in scan.coords.items() if c.dims == ("point",)}
+    if "point" not in coords:
+        coords["point"] = ("point", np.arange(n))
+    coords["q"] = ("q", q, {"units": "1/angstrom", "long_name": "Q"})
+    npt = spec.npt
+    data_vars = {
+        "iq": (("point", "q"), packed[:, :npt],
+               {"long_name": "I(Q)", "units": "counts per monitor count",
+                "integration_method": ",".join(PYFAI_METHOD)}),
+        "masked_pixels": ("point", packed[:, width - 1].astype(np.int64),
+                          {"long_name": "pixels excluded in this frame only (NaN/inf/dummy)"}),
+    }
+    if has_sigma:
+        data_vars["iq_sigma"] = (("point", "q"), packed[:, npt:2 * npt],
+                                 {"long_name": "sigma of I(Q)", "units": "counts per monitor count",
+                                  "error_model": spec.error_model})
+    attrs = {
+        "integration_method": list(PYFAI_METHOD),
+        "integration_unit": UNIT,
+        "npt": npt,
+        "q_range": list(spec.q_range) if spec.q_range else "full",
+        "polarization_factor": spec.polarization_factor if spec.polarization_factor is not None else "none",
+        "error_model": spec.error_model or "none",
+        "monitor_normalised": "monitor" in scan.coords,
+        "pyfai_version": pyFAI.version,
+        "integration_spec": spec.digest,
+        "mask": _describe(spec.mask), "dark": _describe(spec.dark), "flat": _describe(spec.flat),
+    }
+    return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+
+
+def _describe(src: ArraySource | None) -> str:
+    if src is None:
+        return "none"
+    return f"{src.path} sha256:{src.digest}" if src.path else f"array sha256:{src.digest}"
+
+
+def _q_axis(spec: IntegrationSpec) -> np.ndarray:
+    """Bin centres (A^-1), exactly pyFAI's: taken from this process's engine."""
+    return get_engine(spec).q.copy()
