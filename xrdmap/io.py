@@ -722,10 +722,11 @@ def _child(group: h5py.Group, name: str | None) -> Any:
         return None
 
 
-def _nxdata_signal(group: h5py.Group) -> h5py.Dataset | None:
-    obj = _child(group, _attr_str(group.attrs.get("signal")))
-    if isinstance(obj, h5py.Dataset):
-        return obj
+def _nxdata_signal_key(group: h5py.Group) -> str | None:
+    """Name of an NXdata group's signal: its ``signal`` attribute, else a legacy ``signal=1`` field."""
+    key = _attr_str(group.attrs.get("signal"))
+    if isinstance(_child(group, key), h5py.Dataset):
+        return key
     for key in group:
         item = _child(group, key)
         if isinstance(item, h5py.Dataset):
@@ -733,8 +734,20 @@ def _nxdata_signal(group: h5py.Group) -> h5py.Dataset | None:
             if flag is not None and (
                 _attr_str(flag) == "1" or (not isinstance(flag, (str, bytes)) and flag == 1)
             ):
-                return item
+                return key
     return None
+
+
+def _nxdata_signal(group: h5py.Group) -> h5py.Dataset | None:
+    return _child(group, _nxdata_signal_key(group))
+
+
+def _member(group: h5py.Group, key: str | None) -> tuple[str, h5py.Dataset] | None:
+    """(path through ``group``, dataset): the path stays valid when the member is an external link."""
+    obj = _child(group, key)
+    if not isinstance(obj, h5py.Dataset):
+        return None
+    return f"{group.name.rstrip('/')}/{key}", obj
 
 
 def _unique(objs: list) -> list:
@@ -752,7 +765,10 @@ def _listing(datasets: list) -> str:
     return ", ".join(items) or "none"
 
 
-def _locate_frames(f: h5py.File, p: Path, layout: _Layout, frames_path: str | None) -> h5py.Dataset:
+def _locate_frames(
+    f: h5py.File, p: Path, layout: _Layout, frames_path: str | None
+) -> tuple[str, h5py.Dataset]:
+    """(path in the scan file, dataset) of the frames stack."""
     label = f"scan file {str(p)!r}"
     if frames_path is not None:
         obj = _child(f, frames_path)
@@ -762,36 +778,40 @@ def _locate_frames(f: h5py.File, p: Path, layout: _Layout, frames_path: str | No
             )
         if isinstance(obj, h5py.Group):
             cls = _nx_class(obj)
-            inner = (
-                _child(obj, "data")
+            key = (
+                "data"
                 if cls == "NXdetector"
-                else _nxdata_signal(obj)
+                else _nxdata_signal_key(obj)
                 if cls == "NXdata"
                 else None
             )
-            if not isinstance(inner, h5py.Dataset):
+            inner = _member(obj, key)
+            if inner is None:
                 raise InputError(
                     f"{label}: {frames_path} is a group, not a frames dataset; "
                     f"3-D datasets in the file: {_listing(layout.stacks)}"
                 )
-            obj = inner
-        return obj
+            return inner
+        return "/" + frames_path.lstrip("/"), obj
 
     tiers = [
-        ("NXdetector data", _unique([_child(g, "data") for g in layout.detectors])),
-        ("NXdata signal", _unique([_nxdata_signal(g) for g in layout.nxdata])),
-        ("3-D dataset", _unique(layout.stacks)),
+        ("NXdetector data", [_member(g, "data") for g in layout.detectors]),
+        ("NXdata signal", [_member(g, _nxdata_signal_key(g)) for g in layout.nxdata]),
+        ("3-D dataset", [(d.name, d) for d in layout.stacks]),
     ]
     fallback = None
-    for what, found in tiers:
-        found = [d for d in found if isinstance(d, h5py.Dataset)]
-        stacks = [d for d in found if d.ndim == 3]
+    for what, members in tiers:
+        found: list[tuple[str, h5py.Dataset]] = []
+        for m in members:
+            if m is not None and not any(m[1] == u[1] for u in found):
+                found.append(m)
+        stacks = [m for m in found if m[1].ndim == 3]
         if len(stacks) == 1:
             return stacks[0]
         if len(stacks) > 1:
             raise InputError(
-                f"{label}: {len(stacks)} candidate frame stacks ({what}): {_listing(stacks)}; "
-                "pass frames_path to choose one"
+                f"{label}: {len(stacks)} candidate frame stacks ({what}): "
+                f"{_listing([m[1] for m in stacks])}; pass frames_path to choose one"
             )
         if found and fallback is None:
             fallback = found[0]
@@ -803,15 +823,15 @@ def _locate_frames(f: h5py.File, p: Path, layout: _Layout, frames_path: str | No
     )
 
 
-def _check_filters(ds: h5py.Dataset, label: str) -> None:
+def _check_filters(ds: h5py.Dataset, name: str, label: str) -> None:
     try:
         plist = ds.id.get_create_plist()
         for i in range(plist.get_nfilters()):
             code = plist.get_filter(i)[0]
             if not h5py.h5z.filter_avail(code):
-                name = _FILTER_NAMES.get(code, "unknown")
                 raise InputError(
-                    f"{label}: frames dataset {ds.name} is compressed with HDF5 filter {code} ({name}), "
+                    f"{label}: frames dataset {name} is compressed with HDF5 filter {code} "
+                    f"({_FILTER_NAMES.get(code, 'unknown')}), "
                     "which is not available; expected a filter from hdf5plugin"
                 )
     except (AttributeError, RuntimeError):
@@ -822,8 +842,7 @@ def _open_hdf5(p: Path, frames_path, positions_path, times_path, monitor_path):
     label = f"scan file {str(p)!r}"
     with _h5open(p, "scan file") as f:
         layout = _Layout(f)
-        ds = _locate_frames(f, p, layout, frames_path)
-        name = ds.name
+        name, ds = _locate_frames(f, p, layout, frames_path)
         if ds.ndim != 3:
             raise InputError(
                 f"{label}: frames dataset {name} has shape {ds.shape} but a 3-D stack (point, y, x) was expected"
@@ -836,7 +855,7 @@ def _open_hdf5(p: Path, frames_path, positions_path, times_path, monitor_path):
             raise InputError(
                 f"{label}: frames dataset {name} has shape {ds.shape}; expected at least one frame"
             )
-        _check_filters(ds, label)
+        _check_filters(ds, name, label)
         n = ds.shape[0]
         file_chunk = ds.chunks[0] if ds.chunks else None
 
@@ -860,8 +879,10 @@ def _scaled(ds: h5py.Dataset, key: str) -> tuple[np.ndarray, str] | None:
     units = (_attr_str(ds.attrs.get("units")) or "").strip()
     table = _LENGTH_TO_MM if key == "position" else _TIME_TO_S if key == "time" else None
     values = _read_small(ds, key)
-    if table is None or not units:
+    if table is None:
         return values, ds.name
+    if not units:
+        return values, f"{ds.name} (no units: taken as {'mm' if key == 'position' else 's'})"
     scale = table.get(units) or table.get(units.lower())
     if scale is None:
         return None
