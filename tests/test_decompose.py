@@ -1,0 +1,236 @@
+"""Tests of xrdmap.decompose against the NMF-mapping app's outputs and simulated truth."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+from scipy.ndimage import gaussian_filter1d
+
+from xrdmap.decompose import (
+    NMFDecomposition,
+    cross_validation_errors,
+    decompose,
+    match_components,
+)
+from xrdmap.errors import ConfigError, InputError
+
+DATA = Path(__file__).parent / "data" / "nmf_mapping"
+
+# The three runs of the NMF-mapping app stored in tests/data/nmf_mapping (see README).
+APP_CASES = {
+    "output_1": [(5.0, 10.0)],
+    "output_2": None,  # whole range
+    "output_3": [(5.0, 10.0), (12.0, 15.0)],
+}
+
+
+@pytest.fixture(scope="module")
+def app_gr() -> xr.DataArray:
+    z = np.load(DATA / "synthetic_r_vs_gr.npz")
+    return xr.DataArray(z["gr"], dims=("point", "r"), coords={"r": z["r"]}, name="gr")
+
+
+def _app_weights(case: str) -> np.ndarray:
+    exp = json.loads((DATA / case / "component_index_vs_pratio_col.json").read_text())
+    n_comp = len(exp["0"])
+    return np.array([[exp[str(p)][str(c)] for c in range(n_comp)] for p in range(len(exp))])
+
+
+def _app_errors(case: str) -> dict[int, float]:
+    exp = json.loads((DATA / case / "component_index_vs_RE_value.json").read_text())["0"]
+    return {int(k): v for k, v in exp.items()}
+
+
+@pytest.mark.parametrize("case", list(APP_CASES))
+def test_parity_with_nmf_mapping_app(app_gr, case):
+    x_ranges = APP_CASES[case]
+    if x_ranges is None:
+        x_ranges = [(float(app_gr.r.min()), float(app_gr.r.max()))]
+    model = NMFDecomposition(x_ranges=x_ranges, n_restarts=0).fit(app_gr)
+    expected = _app_weights(case)
+    assert model.n_components_ == expected.shape[1] == 3
+    _, corr = match_components(model.weights_.values, expected)
+    assert np.all(corr >= 0.99), corr
+    # Same matrix, same shift, same start: the app's reconstruction errors come back.
+    app_err = _app_errors(case)
+    for k in (2, 3):
+        assert model.reconstruction_errors_.sel(n_components=k).item() == pytest.approx(app_err[k], rel=1e-3)
+    np.testing.assert_allclose(model.weights_.sum("component"), 1.0, atol=1e-12)
+
+
+# ---------------------------------------------------------------- simulated mixtures
+
+
+def _peaks(x: np.ndarray, rng: np.random.Generator, n: int, width: float) -> np.ndarray:
+    out = np.zeros_like(x)
+    for pos in rng.uniform(x.min() + 0.5, x.max() - 0.5, n):
+        out += rng.uniform(0.2, 1.0) * np.exp(-0.5 * ((x - pos) / width) ** 2)
+    return out
+
+
+def _mixture_q(k: int, n_points: int = 80, noise: float = 0.01, seed: int = 0):
+    """I(Q)-like scan: k peak patterns, smooth overlapping weights, white noise."""
+    rng = np.random.default_rng(seed)
+    q = np.linspace(0.5, 16.0, 900)
+    comps = np.array([_peaks(q, rng, 12, 0.05) + 0.2 * np.exp(-q / 5) for _ in range(k)])
+    t = np.linspace(0, 1, n_points)
+    centres = np.linspace(0.1, 0.9, k)
+    w = np.array([np.exp(-0.5 * ((t - c) / 0.2) ** 2) for c in centres]).T + 0.05
+    clean = w @ comps
+    data = clean + rng.normal(0, noise * clean.max(), clean.shape)
+    da = xr.DataArray(data, dims=("point", "q"), coords={"q": q, "position": ("point", t * 3.0)})
+    return da, w, comps
+
+
+def _mixture_gr(k: int, n_points: int = 60, seed: int = 1):
+    """G(r)-like scan: weight fractions summing to 1, negative baseline, correlated noise."""
+    rng = np.random.default_rng(seed)
+    r = np.arange(0.5, 25.0, 0.01)
+    rho0 = 0.07
+    comps = []
+    for _ in range(k):
+        rdf = _peaks(r, rng, 40, 0.08) * 3
+        comps.append(rdf - 4 * np.pi * rho0 * r * np.exp(-r / 8))
+    comps = np.array(comps)
+    t = np.linspace(0, 1, n_points)
+    centres = np.linspace(0.1, 0.9, k)
+    w = np.array([np.exp(-0.5 * ((t - c) / 0.22) ** 2) for c in centres]).T + 0.02
+    w /= w.sum(axis=1, keepdims=True)
+    clean = w @ comps
+    # Noise correlated over ~pi/Qmax as in a G(r) from Qmax = 24 A^-1.
+    white = rng.normal(0, 1, clean.shape)
+    noise = gaussian_filter1d(white, 0.13 / 0.01 / 2.5, axis=1)
+    noise *= 0.01 * np.abs(clean).max() / noise.std()
+    return xr.DataArray(clean + noise, dims=("point", "r"), coords={"r": r}), w, comps
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_criterion_picks_true_number_of_components_q(k):
+    da, w_true, _ = _mixture_q(k, seed=k)
+    model = NMFDecomposition(min_components=2, max_components=6, n_restarts=0).fit(da)
+    assert model.n_components_ == k
+    # Abundances are the true weights up to a scale per component (the NMF scale freedom);
+    # four overlapping components sharing a pedestal leave some rotational freedom.
+    _, corr = match_components(w_true, model.abundances_.values)
+    assert np.all(corr > 0.97), corr
+
+
+@pytest.mark.parametrize("n_points", [30, 400])
+def test_criterion_independent_of_number_of_points(n_points):
+    da, _, _ = _mixture_q(3, n_points=n_points, seed=11)
+    assert NMFDecomposition(max_components=6, n_restarts=0).fit(da).n_components_ == 3
+
+
+def test_criterion_on_gr_with_correlated_noise():
+    da, w_true, _ = _mixture_gr(3)
+    model = NMFDecomposition(n_restarts=0).fit(da)
+    assert model.negative_mode_ == "shift"
+    assert model.shift_ == pytest.approx(-float(da.min()))
+    assert model.x_ranges_ == ((1.0, 20.0),)
+    assert model.n_components_ == 3
+    # The noise is correlated along r: the criterion measured it (> 2 samples).
+    assert model.residual_correlation_length_ > 2
+    _, corr = match_components(w_true, model.abundances_.values)
+    assert np.all(corr > 0.99), corr
+
+
+def test_cross_validation_agrees_with_criterion():
+    da, _, _ = _mixture_q(3, n_points=60, noise=0.02, seed=5)
+    ks = [1, 2, 3, 4, 5]
+    cv = cross_validation_errors(da, ks, n_folds=2, random_state=0)
+    chosen = NMFDecomposition(max_components=5, n_restarts=0).fit(da).n_components_
+    assert int(cv.idxmin()) == chosen == 3
+    # Under-fitting is much worse than over-fitting by one component.
+    assert cv.sel(n_components=2) > 1.5 * cv.sel(n_components=3)
+
+
+def test_reproducible_and_stable_across_seeds_and_restarts():
+    da, _, _ = _mixture_q(3, seed=21)
+    fits = [NMFDecomposition(random_state=s, n_restarts=3).fit(da) for s in (0, 1, 2)]
+    for f in fits[1:]:
+        np.testing.assert_allclose(f.weights_.values, fits[0].weights_.values, atol=1e-6)
+    # Random restarts that reach the same error agree with the kept answer.
+    assert np.all(fits[0].stability_.values > 0.99), fits[0].stability_.values
+    again = NMFDecomposition(random_state=0, n_restarts=3).fit(da)
+    np.testing.assert_array_equal(again.weights_.values, fits[0].weights_.values)
+
+
+def test_app_data_nndsvd_answer_is_kept_over_random_restarts(app_gr):
+    model = NMFDecomposition(x_ranges=[(5, 10)], n_restarts=2, random_state=3).fit(app_gr)
+    # The random starts end in worse local minima; the deterministic answer stays.
+    assert np.all(model.restart_errors_ > model.reconstruction_error_)
+    _, corr = match_components(model.weights_.values, _app_weights("output_1"))
+    assert np.all(corr >= 0.99)
+
+
+def test_smoothness_reduces_noise_in_weights():
+    da, w_true, _ = _mixture_q(2, n_points=120, noise=0.15, seed=3)
+    plain = NMFDecomposition(n_components=2, n_restarts=0).fit(da)
+    smooth = NMFDecomposition(n_components=2, n_restarts=0, smoothness=3.0).fit(da)
+
+    def misfit(model):
+        # Relative misfit to the true weights after the best scale per component.
+        a = model.abundances_.values
+        order, _ = match_components(w_true, a)
+        a = a[:, order]
+        scale = (a * w_true).sum(0) / (a * a).sum(0)
+        return np.linalg.norm(a * scale - w_true) / np.linalg.norm(w_true)
+
+    def roughness(model):
+        return np.abs(np.diff(model.weights_.values, 2, axis=0)).mean()
+
+    # The truth is smooth on the scale of 3 points: smoothing removes scatter without
+    # moving the weights away from it.
+    assert roughness(smooth) < 0.3 * roughness(plain)
+    assert misfit(smooth) < misfit(plain)
+
+
+def test_transform_recovers_fitted_weights():
+    da, _, _ = _mixture_q(3, seed=4)
+    model = NMFDecomposition(n_components=3, n_restarts=0).fit(da)
+    w = model.transform(da)
+    np.testing.assert_allclose(w.values, model.weights_.values, atol=0.02)
+
+
+def test_numpy_input_and_clip_of_negatives():
+    rng = np.random.default_rng(0)
+    data = np.abs(rng.normal(size=(10, 50)))
+    data[0, 0] = -1.0
+    model = NMFDecomposition(n_components=2, n_restarts=0).fit(data, x=np.linspace(0, 1, 50))
+    assert model.dim_ == "x" and model.negative_mode_ == "clip" and model.shift_ == 0.0
+    assert model.components_.dims == ("component", "x")
+
+
+def test_decompose_dataset_contract():
+    da, _, _ = _mixture_q(3, seed=8)
+    ds = decompose(xr.Dataset({"iq": da}), "q", n_restarts=0)
+    assert ds["nmf_q_weights"].dims == ("point", "component")
+    assert ds["nmf_q_components"].dims == ("component", "q")
+    # Components cover the whole input grid, the fit used 1-15 A^-1.
+    assert ds.sizes["q"] == da.sizes["q"]
+    assert ds.attrs["nmf_q_n_components"] == 3
+    np.testing.assert_allclose(ds.attrs["nmf_q_x_ranges"], [1.0, 15.0])
+    assert list(ds["nmf_q_reconstruction_error"].nmf_q_n_components.values) == [2, 3, 4, 5]
+    assert "position" in ds.coords
+
+
+def test_errors_name_the_input():
+    da, _, _ = _mixture_q(2, seed=1)
+    with pytest.raises(ConfigError, match="negative"):
+        NMFDecomposition(negative="abs").fit(da)
+    with pytest.raises(ConfigError, match="n_components"):
+        NMFDecomposition(n_components=0).fit(da)
+    with pytest.raises(InputError, match="x ranges"):
+        NMFDecomposition(x_ranges=[(40, 50)]).fit(da)
+    bad = da.copy()
+    bad[3, 5] = np.nan
+    with pytest.raises(InputError, match="non-finite"):
+        NMFDecomposition().fit(bad)
+    with pytest.raises(InputError, match="negative values"):
+        NMFDecomposition(negative="raise").fit(da - 10)
+    with pytest.raises(InputError, match="expected"):
+        NMFDecomposition().fit(np.ones(5))

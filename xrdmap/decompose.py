@@ -1,0 +1,605 @@
+"""Non-negative matrix factorisation (NMF) of a scan of I(Q) or G(r) patterns.
+
+Each pattern (one row per scan ``point``) is modelled as a non-negative mixture of a few
+non-negative components, ``X ~= W @ H``; the rows of ``H`` play the role of "phase"
+patterns and the columns of ``W`` their weights along the scan. The number of components
+is chosen from the data (see :class:`NMFDecomposition`).
+
+The method follows the pdfitc.org "NMF mapping" application (diffpy.nmf_mapping) used for
+the published maps, so that its results can be reproduced: the matrix is shifted by its
+global minimum, restricted to one or several x ranges, factorised by scikit-learn's NMF
+with the deterministic ``nndsvd`` start, and the component count comes from the relative
+improvement of the reconstruction error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import xarray as xr
+from scipy.optimize import linear_sum_assignment
+
+from xrdmap.errors import ConfigError, InputError
+
+__all__ = [
+    "DEFAULT_X_RANGES",
+    "NMFDecomposition",
+    "cross_validation_errors",
+    "decompose",
+    "match_components",
+]
+
+#: Active ranges used for the published maps: 1-15 A^-1 in Q, 1-20 A in r.
+DEFAULT_X_RANGES: dict[str, tuple[tuple[float, float], ...]] = {
+    "q": ((1.0, 15.0),),
+    "r": ((1.0, 20.0),),
+}
+
+_NEGATIVE_MODES = ("auto", "shift", "clip", "raise")
+
+
+def _as_matrix(data, x=None, dim=None) -> tuple[np.ndarray, np.ndarray, str, xr.DataArray | None]:
+    """Return (matrix (point, x), x values, x dim name, original DataArray or None)."""
+    if isinstance(data, xr.Dataset):
+        raise InputError("NMF input is an xarray.Dataset: pass one variable, e.g. ds['gr'] or ds['iq']")
+    if isinstance(data, xr.DataArray):
+        if data.ndim != 2:
+            raise InputError(f"NMF input {data.name!r} has dims {data.dims}: expected (point, q) or (point, r)")
+        xdim = dim or next((d for d in data.dims if d != "point"), data.dims[1])
+        if xdim not in data.dims:
+            raise InputError(f"NMF input {data.name!r} has dims {data.dims}: expected a {xdim!r} dimension")
+        pdim = next(d for d in data.dims if d != xdim)
+        da = data.transpose(pdim, xdim)
+        xv = np.asarray(da[xdim].values if xdim in da.coords else np.arange(da.shape[1]), dtype=float)
+        return np.asarray(da.values, dtype=float), xv, xdim, da
+    arr = np.asarray(data, dtype=float)
+    if arr.ndim != 2:
+        raise InputError(f"NMF input array has shape {arr.shape}: expected 2-D (point, x)")
+    xv = np.arange(arr.shape[1], dtype=float) if x is None else np.asarray(x, dtype=float)
+    if xv.shape != (arr.shape[1],):
+        raise InputError(f"NMF x grid has shape {xv.shape}: expected ({arr.shape[1]},) to match the data")
+    return arr, xv, dim or "x", None
+
+
+def _range_mask(x: np.ndarray, x_ranges) -> np.ndarray:
+    mask = np.zeros(x.shape, dtype=bool)
+    for lo, hi in x_ranges:
+        if not lo < hi:
+            raise ConfigError(f"NMF x range ({lo}, {hi}): expected low < high")
+        mask |= (x >= lo) & (x <= hi)
+    return mask
+
+
+def _normalise_ranges(x_ranges, xdim: str, x: np.ndarray) -> tuple[tuple[float, float], ...]:
+    if x_ranges is None:
+        if xdim in DEFAULT_X_RANGES:
+            return DEFAULT_X_RANGES[xdim]
+        return ((float(x.min()), float(x.max())),)
+    if isinstance(x_ranges, tuple | list) and len(x_ranges) == 2 and np.isscalar(x_ranges[0]):
+        x_ranges = [x_ranges]
+    return tuple((float(lo), float(hi)) for lo, hi in x_ranges)
+
+
+def _nmf(x: np.ndarray, k: int, init: str, seed: int, max_iter: int, tol: float):
+    import warnings
+
+    from sklearn.decomposition import NMF
+    from sklearn.exceptions import ConvergenceWarning
+
+    model = NMF(n_components=k, init=init, random_state=seed, max_iter=max_iter, tol=tol)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        w = model.fit_transform(x)
+    return w, model.components_, float(model.reconstruction_err_)
+
+
+def _solve_components(x: np.ndarray, w: np.ndarray, max_iter: int) -> np.ndarray:
+    """Non-negative least squares for ``H`` in ``x ~= w @ H`` with ``w`` fixed."""
+    import warnings
+
+    from sklearn.decomposition import non_negative_factorization
+    from sklearn.exceptions import ConvergenceWarning
+
+    # sklearn solves for its W with H fixed (update_H=False): transpose the problem.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        ht, _, _ = non_negative_factorization(
+            x.T, H=np.ascontiguousarray(w.T), n_components=w.shape[1],
+            update_H=False, solver="cd", max_iter=max_iter, tol=1e-6,
+        )
+    return ht.T
+
+
+def _solve_weights(x: np.ndarray, h: np.ndarray, max_iter: int) -> np.ndarray:
+    """Non-negative least squares for ``W`` in ``x ~= W @ h`` with ``h`` fixed."""
+    return _solve_components(x.T, h.T, max_iter).T
+
+
+def _integrated_autocorrelation(res: np.ndarray) -> float:
+    """Correlation length (in samples) of residuals along x: 1 + 2 sum of rho(l) > 0."""
+    r = res - res.mean(axis=1, keepdims=True)
+    var = float(np.mean(r * r))
+    if var <= 0:
+        return 1.0
+    tau = 1.0
+    for lag in range(1, min(200, r.shape[1] // 4)):
+        rho = float(np.mean(r[:, lag:] * r[:, :-lag])) / var
+        if rho <= 0.05:
+            break
+        tau += 2 * rho
+    return tau
+
+
+def _noise_improvement(n_points: int, n_x_eff: float, k: int) -> float:
+    """Relative drop of ||residual||_F that one more component gains on pure noise.
+
+    Marchenko-Pastur: the largest squared singular value of an a x b white-noise matrix is
+    ~ sigma^2 (sqrt(a) + sqrt(b))^2 while its total energy is sigma^2 a b.
+    """
+    a = max(n_points - k, 1)
+    b = max(n_x_eff - k, 1.0)
+    frac = min((np.sqrt(a) + np.sqrt(b)) ** 2 / (a * b), 1.0)
+    return 1.0 - np.sqrt(1.0 - frac)
+
+
+def match_components(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Match the columns of ``a`` and ``b`` (e.g. weights (point, component)) by correlation.
+
+    Returns ``(order, corr)``: column ``order[i]`` of ``b`` matches column ``i`` of ``a``
+    (Hungarian assignment maximising the summed Pearson correlation) with correlation
+    ``corr[i]``.
+    """
+    a = np.asarray(a, dtype=float)
+    b = np.asarray(b, dtype=float)
+    ka = a.shape[1]
+    c = np.corrcoef(a.T, b.T)[:ka, ka:]
+    c = np.nan_to_num(c, nan=0.0)
+    rows, cols = linear_sum_assignment(-c)
+    order = np.full(ka, -1)
+    order[rows] = cols
+    corr = np.full(ka, np.nan)
+    corr[rows] = c[rows, cols]
+    return order, corr
+
+
+class NMFDecomposition:
+    """NMF of a scan of patterns with the number of components chosen from the data.
+
+    Parameters
+    ----------
+    n_components : int or "auto"
+        Number of components, or ``"auto"`` to choose it in
+        ``min_components..max_components`` by the criterion below.
+    min_components, max_components : int
+        Range tried when ``n_components="auto"`` (published study: 2-5).
+    x_ranges : (lo, hi) or sequence of (lo, hi), optional
+        Active range(s) of the x axis in its units (A^-1 for ``q``, A for ``r``). Default
+        1-15 A^-1 in Q and 1-20 A in r, as in the published study; the whole grid for
+        other x dims.
+    init : str
+        scikit-learn NMF initialisation of the main fit. ``"nndsvd"`` (default) is
+        deterministic and reproduces the pdfitc.org NMF-mapping weights; ``"nndsvda"`` or
+        ``"random"`` converge to other local minima of almost the same error.
+    random_state : int
+        Seed of the random restarts and of anything random; results are reproducible.
+    max_iter, tol : int, float
+        Coordinate-descent iterations and tolerance of each NMF fit.
+    n_restarts : int
+        Extra fits of the chosen model from random starts. The nndsvd answer is kept unless
+        a restart reaches a reconstruction error lower by more than 0.1 %; the spread of
+        the restarts is reported in ``stability_``.
+    smoothness : float
+        Width (standard deviation, in scan points) of a Gaussian smoothing of the weights
+        along the scan axis, applied after the fit; the components are then re-solved by
+        non-negative least squares for the smoothed weights, so ``X ~= W @ H`` still holds
+        as well as it can. 0 (default) disables it. Use it for noisy scans whose phases
+        change slowly compared with the step size.
+    negative : {"auto", "shift", "clip", "raise"}
+        How negative values are made admissible to NMF.
+
+        - ``"shift"``: subtract the global minimum of the whole matrix (all points, all x)
+          when it is negative, as the NMF-mapping app does. For G(r) this is the physically
+          sensible choice: G(r) = 4 pi r [rho(r) - rho0] is negative by construction, and
+          for a mixture whose weight fractions sum to one, ``G + c = sum_i w_i (G_i + c)``,
+          so a common offset keeps the mixture model linear with the same weights and
+          rank. The offset ``c`` is recorded in ``shift_``; components are returned in
+          shifted units (a constant offset does not change their correlation with a
+          reference). The alternative of fitting rho(r)-like positive quantities
+          (``G + 4 pi r rho0``) needs the number density of every point, which a mixed,
+          porous pellet does not have.
+        - ``"clip"``: set negative values to zero. Right for I(Q) after background
+          subtraction, where negatives are noise around zero: a global offset would add a
+          pedestal that is not proportional to the amount of material (the weights of an
+          I(Q) scan do not sum to a constant), i.e. an extra spurious component.
+        - ``"raise"``: negative values are an input error.
+        - ``"auto"`` (default): ``"shift"`` for ``r``, ``"clip"`` otherwise.
+    rtol : float
+        Relative-improvement threshold of the component-count criterion.
+    noise_factor : float
+        Multiple of the noise-only improvement that still counts as "no improvement".
+
+    Notes
+    -----
+    Criterion for ``n_components="auto"``: with ``E_k`` the Frobenius reconstruction error
+    with ``k`` components, the relative improvement ``d_k = (E_k - E_{k+1}) / E_k`` is
+    computed for ``k = min..max-1`` and the smallest ``k`` with
+    ``d_k <= max(rtol, noise_factor * d_noise(k))`` is chosen (``max_components`` if
+    none). ``rtol = 0.01`` is the NMF-mapping app's fallback level. ``d_noise(k)`` is the
+    improvement one more component would gain by fitting pure noise (Marchenko-Pastur edge
+    for a ``(points - k) x (x_eff - k)`` matrix, ``x_eff`` the number of x samples divided
+    by the correlation length of the residual of the largest fit, since the noise of a
+    G(r) is correlated over ~pi/Qmax). It makes the choice independent of the number of
+    points and grid density; on noise-free data it reduces to the app's criterion.
+
+    Attributes
+    ----------
+    components_ : xr.DataArray (component, x)
+        Components on the active grid, each scaled to unit maximum (in the units of
+        the shifted/clipped data).
+    components_full_ : xr.DataArray (component, x)
+        Components extended to the whole input grid by non-negative least squares with
+        the weights fixed.
+    weights_ : xr.DataArray (point, component)
+        Weight fractions: abundances normalised to sum 1 at each point (as the
+        NMF-mapping app reports them).
+    abundances_ : xr.DataArray (point, component)
+        Un-normalised weights: ``data ~= abundances_ @ components_``.
+    n_components_ : int
+    reconstruction_errors_ : xr.DataArray (n_components)
+        Frobenius reconstruction error for every component count tried.
+    relative_improvements_ : xr.DataArray (n_components)
+    stability_ : xr.DataArray (component)
+        Lowest Pearson correlation between the weights of each component and the matched
+        weights of those random restarts that reached a reconstruction error within 5 % of
+        the kept one (1 = every equally good factorisation has the same weights); NaN when
+        no restart got that close (the kept answer is then the best minimum found).
+    restart_errors_ : np.ndarray
+    shift_ : float
+        Offset added to the data before the fit (0 if none).
+    """
+
+    def __init__(
+        self,
+        n_components: int | str = "auto",
+        min_components: int = 2,
+        max_components: int = 5,
+        x_ranges=None,
+        init: str = "nndsvd",
+        random_state: int = 0,
+        max_iter: int = 1000,
+        tol: float = 1e-4,
+        n_restarts: int = 2,
+        smoothness: float = 0.0,
+        negative: str = "auto",
+        rtol: float = 0.01,
+        noise_factor: float = 2.0,
+    ) -> None:
+        self.n_components = n_components
+        self.min_components = min_components
+        self.max_components = max_components
+        self.x_ranges = x_ranges
+        self.init = init
+        self.random_state = random_state
+        self.max_iter = max_iter
+        self.tol = tol
+        self.n_restarts = n_restarts
+        self.smoothness = smoothness
+        self.negative = negative
+        self.rtol = rtol
+        self.noise_factor = noise_factor
+
+    def _check_params(self) -> None:
+        if self.negative not in _NEGATIVE_MODES:
+            raise ConfigError(f"NMF negative={self.negative!r}: expected one of {_NEGATIVE_MODES}")
+        if self.n_components != "auto":
+            if not isinstance(self.n_components, int | np.integer) or self.n_components < 1:
+                raise ConfigError(f"NMF n_components={self.n_components!r}: expected 'auto' or an integer >= 1")
+        if not 1 <= self.min_components <= self.max_components:
+            raise ConfigError(
+                f"NMF components range {self.min_components}..{self.max_components}: expected 1 <= min <= max"
+            )
+        if self.smoothness < 0:
+            raise ConfigError(f"NMF smoothness={self.smoothness}: expected >= 0 (scan points)")
+
+    def _prepare(self, data, x=None, dim=None):
+        arr, xv, xdim, da = _as_matrix(data, x, dim)
+        if not np.all(np.isfinite(arr)):
+            bad = int(np.sum(~np.isfinite(arr).all(axis=1)))
+            raise InputError(f"NMF input has non-finite values in {bad} patterns: expected finite numbers")
+        mode = self.negative
+        if mode == "auto":
+            mode = "shift" if xdim == "r" else "clip"
+        return arr, xv, xdim, da, mode
+
+    def fit(self, data, x=None, dim: str | None = None) -> NMFDecomposition:
+        """Fit the decomposition.
+
+        Parameters
+        ----------
+        data : xr.DataArray (point, q|r) or 2-D array (point, x)
+        x : array, optional
+            x grid when ``data`` is a plain array.
+        dim : str, optional
+            Name of the x dimension (default: the DataArray's non-``point`` dim, or ``"x"``).
+        """
+        self._check_params()
+        arr, xv, xdim, da, mode = self._prepare(data, x, dim)
+        ranges = _normalise_ranges(self.x_ranges, xdim, xv)
+        active = _range_mask(xv, ranges)
+        if active.sum() < 2:
+            raise InputError(
+                f"NMF x ranges {list(ranges)} select {int(active.sum())} of the {xdim} grid "
+                f"({xv.min():g}..{xv.max():g}): expected at least 2 samples"
+            )
+        n_points = arr.shape[0]
+        if n_points < 2:
+            raise InputError(f"NMF input has {n_points} pattern(s): expected at least 2")
+
+        shift = 0.0
+        gmin = float(arr.min())
+        if gmin < 0:
+            if mode == "raise":
+                raise InputError(f"NMF input has negative values (min {gmin:g}): expected >= 0")
+            if mode == "shift":
+                shift = -gmin
+                arr = arr + shift
+            else:
+                arr = np.clip(arr, 0.0, None)
+        xa = arr[:, active]
+        if not np.any(xa > 0):
+            raise InputError("NMF input is zero everywhere in the active x ranges: expected a signal")
+
+        seed = int(self.random_state)
+        if self.n_components == "auto":
+            k_hi = min(self.max_components, n_points)
+            k_lo = min(self.min_components, k_hi)
+            ks = list(range(k_lo, k_hi + 1))
+        else:
+            ks = [min(int(self.n_components), n_points)]
+        fits = {k: _nmf(xa, k, self.init, seed, self.max_iter, self.tol) for k in ks}
+        errors = np.array([fits[k][2] for k in ks])
+        improvements = np.full(len(ks), np.nan)
+        if len(ks) > 1:
+            improvements[:-1] = (errors[:-1] - errors[1:]) / np.where(errors[:-1] > 0, errors[:-1], 1.0)
+        if self.n_components == "auto":
+            w_last, h_last, _ = fits[ks[-1]]
+            tau = _integrated_autocorrelation(xa - w_last @ h_last)
+            n_x_eff = xa.shape[1] / tau
+            thresholds = np.array(
+                [max(self.rtol, self.noise_factor * _noise_improvement(n_points, n_x_eff, k)) for k in ks]
+            )
+            chosen = ks[-1]
+            for i, k in enumerate(ks[:-1]):
+                if improvements[i] <= thresholds[i]:
+                    chosen = k
+                    break
+            self.criterion_thresholds_ = thresholds
+            self.residual_correlation_length_ = tau
+        else:
+            chosen = ks[0]
+            self.criterion_thresholds_ = np.full(1, np.nan)
+            self.residual_correlation_length_ = np.nan
+
+        w, h, err = fits[chosen]
+        restart_w, restart_err = [], []
+        rng = np.random.default_rng(seed)
+        for _ in range(int(self.n_restarts)):
+            rw, _, rerr = _nmf(xa, chosen, "random", int(rng.integers(2**31 - 1)), self.max_iter, self.tol)
+            restart_w.append(rw)
+            restart_err.append(rerr)
+        if restart_err and min(restart_err) < err * (1 - 1e-3):
+            # A random start found a clearly better minimum: keep it, and let the
+            # deterministic answer take its place among the restarts for the spread.
+            best = int(np.argmin(restart_err))
+            w_best = restart_w[best]
+            restart_w[best], restart_err[best] = w, err
+            w = w_best
+            h = _solve_components(xa, w, self.max_iter)
+            err = float(np.linalg.norm(xa - w @ h))
+
+        if self.smoothness > 0:
+            from scipy.ndimage import gaussian_filter1d
+
+            w = gaussian_filter1d(w, self.smoothness, axis=0, mode="nearest")
+            h = _solve_components(xa, w, self.max_iter)
+            err = float(np.linalg.norm(xa - w @ h))
+
+        # Scale each component to unit maximum on the active grid, then order by abundance.
+        scale = h.max(axis=1)
+        scale = np.where(scale > 0, scale, 1.0)
+        h = h / scale[:, None]
+        w = w * scale[None, :]
+        order = np.argsort(-w.sum(axis=0), kind="stable")
+        h, w = h[order], w[:, order]
+
+        stability = np.full(chosen, np.nan)
+        equivalent = [rw for rw, re_ in zip(restart_w, restart_err, strict=True) if re_ <= 1.05 * err]
+        if equivalent:
+            corr = np.stack([match_components(w, rw)[1] for rw in equivalent])
+            stability = np.nanmin(corr, axis=0)
+
+        total = w.sum(axis=1)
+        fractions = w / np.where(total > 0, total, 1.0)[:, None]
+        h_full = _solve_components(arr, w, self.max_iter) if active.sum() < arr.shape[1] else h
+
+        comp = np.arange(chosen)
+        point_coords = _point_coords(da, n_points)
+        pdim = "point"
+        xa_coord = {xdim: xv[active]}
+        self.components_ = xr.DataArray(h, dims=("component", xdim), coords={"component": comp, **xa_coord})
+        self.components_full_ = xr.DataArray(
+            h_full, dims=("component", xdim), coords={"component": comp, xdim: xv}
+        )
+        self.weights_ = xr.DataArray(
+            fractions, dims=(pdim, "component"), coords={**point_coords, "component": comp}
+        )
+        self.abundances_ = xr.DataArray(w, dims=(pdim, "component"), coords={**point_coords, "component": comp})
+        self.n_components_ = int(chosen)
+        self.reconstruction_errors_ = xr.DataArray(
+            errors, dims="n_components", coords={"n_components": ks}, name="reconstruction_error"
+        )
+        self.relative_improvements_ = xr.DataArray(
+            improvements, dims="n_components", coords={"n_components": ks}, name="relative_improvement"
+        )
+        self.reconstruction_error_ = err
+        self.stability_ = xr.DataArray(stability, dims="component", coords={"component": comp})
+        self.restart_errors_ = np.asarray(restart_err, dtype=float)
+        self.shift_ = shift
+        self.negative_mode_ = mode
+        self.x_ranges_ = ranges
+        self.dim_ = xdim
+        self._active = active
+        self._x = xv
+        return self
+
+    def transform(self, data, x=None) -> xr.DataArray:
+        """Weight fractions (point, component) of new patterns for the fitted components.
+
+        The patterns are shifted/clipped like the training data and must be on the same
+        x grid; weights come from non-negative least squares.
+        """
+        if not hasattr(self, "components_"):
+            raise InputError("NMFDecomposition.transform: call fit first")
+        arr, xv, xdim, da, _ = self._prepare(data, x, self.dim_)
+        if xv.shape != self._x.shape or not np.allclose(xv, self._x):
+            raise InputError(f"NMF transform input {xdim} grid differs from the fitted grid: expected the same grid")
+        arr = arr + self.shift_ if self.negative_mode_ == "shift" else np.clip(arr, 0.0, None)
+        w = _solve_weights(arr[:, self._active], self.components_.values, self.max_iter)
+        total = w.sum(axis=1)
+        fr = w / np.where(total > 0, total, 1.0)[:, None]
+        return xr.DataArray(
+            fr, dims=("point", "component"),
+            coords={**_point_coords(da, arr.shape[0]), "component": self.components_.component.values},
+        )
+
+    def fit_transform(self, data, x=None, dim: str | None = None) -> xr.DataArray:
+        """Fit and return ``weights_``."""
+        return self.fit(data, x, dim).weights_
+
+
+def _point_coords(da: xr.DataArray | None, n: int) -> dict:
+    if da is None:
+        return {"point": np.arange(n)}
+    pdim = da.dims[0]
+    coords = {k: v for k, v in da.coords.items() if v.dims == (pdim,)}
+    if pdim != "point":
+        coords = {("point" if k == pdim else k): (("point",), np.asarray(v.values)) for k, v in coords.items()}
+    if "point" not in coords:
+        coords["point"] = np.arange(n)
+    return coords
+
+
+def cross_validation_errors(
+    data,
+    n_components: Sequence[int],
+    *,
+    x=None,
+    dim: str | None = None,
+    x_ranges=None,
+    holdout_fraction: float = 0.1,
+    n_folds: int = 3,
+    negative: str = "auto",
+    n_iter: int = 400,
+    random_state: int = 0,
+) -> xr.DataArray:
+    """Held-out reconstruction error of NMF for each component count (mask-based CV).
+
+    A random ``holdout_fraction`` of the matrix entries is hidden, NMF is fitted to the
+    remaining entries only (weighted multiplicative updates started from an nndsvd fit of
+    the matrix with hidden entries replaced by their column mean), and the RMS error on the
+    hidden entries is recorded; averaged over ``n_folds`` masks. Too few components
+    under-fit, too many start fitting noise, so the minimum marks the number of components
+    the data support. An independent check of the criterion of :class:`NMFDecomposition`.
+
+    Returns
+    -------
+    xr.DataArray (n_components)
+        Mean held-out RMS error.
+    """
+    helper = NMFDecomposition(negative=negative, x_ranges=x_ranges)
+    arr, xv, xdim, _, mode = helper._prepare(data, x, dim)
+    active = _range_mask(xv, _normalise_ranges(x_ranges, xdim, xv))
+    arr = arr - min(float(arr.min()), 0.0) if mode == "shift" else np.clip(arr, 0.0, None)
+    xa = arr[:, active]
+    rng = np.random.default_rng(random_state)
+    out = np.zeros(len(n_components))
+    eps = 1e-12
+    for _ in range(n_folds):
+        hidden = rng.random(xa.shape) < holdout_fraction
+        m = (~hidden).astype(float)
+        colmean = (xa * m).sum(0) / np.maximum(m.sum(0), 1)
+        filled = np.where(hidden, colmean[None, :], xa)
+        for i, k in enumerate(n_components):
+            w, h, _ = _nmf(filled, int(k), "nndsvda", random_state, 300, 1e-4)
+            for _ in range(n_iter):
+                wh = w @ h
+                h *= (w.T @ (m * xa)) / (w.T @ (m * wh) + eps)
+                wh = w @ h
+                w *= ((m * xa) @ h.T) / ((m * wh) @ h.T + eps)
+            resid = (xa - w @ h)[hidden]
+            out[i] += np.sqrt(np.mean(resid**2)) / n_folds
+    return xr.DataArray(out, dims="n_components", coords={"n_components": list(n_components)}, name="cv_error")
+
+
+def decompose(data, dim: str | None = None, **kwargs) -> xr.Dataset:
+    """NMF of a scan; returns the result variables of the data contract.
+
+    Parameters
+    ----------
+    data : xr.DataArray (point, q|r), or xr.Dataset holding ``iq`` (dim ``q``) or ``gr``
+        (dim ``r``)
+    dim : {"q", "r"}, optional
+        x dimension; inferred from ``data`` when omitted.
+    **kwargs
+        Parameters of :class:`NMFDecomposition`.
+
+    Returns
+    -------
+    xr.Dataset
+        ``nmf_{dim}_weights`` (point, component) weight fractions,
+        ``nmf_{dim}_abundances`` (point, component), ``nmf_{dim}_components``
+        (component, dim) on the whole input grid, ``nmf_{dim}_reconstruction_error``
+        (``nmf_{dim}_n_components`` tried), ``nmf_{dim}_stability`` (component); attrs
+        record the criterion and every parameter.
+    """
+    if isinstance(data, xr.Dataset):
+        name = {"q": "iq", "r": "gr"}.get(dim or "", None)
+        if name is None:
+            name = "gr" if "gr" in data else "iq"
+        if name not in data:
+            raise InputError(f"dataset has no {name!r} variable: expected 'iq' (point, q) or 'gr' (point, r)")
+        data = data[name]
+    model = NMFDecomposition(**kwargs).fit(data, dim=dim)
+    d = model.dim_
+    ncomp = f"nmf_{d}_n_components"
+    ds = xr.Dataset(
+        {
+            f"nmf_{d}_weights": model.weights_,
+            f"nmf_{d}_abundances": model.abundances_,
+            f"nmf_{d}_components": model.components_full_,
+            f"nmf_{d}_reconstruction_error": model.reconstruction_errors_.rename(n_components=ncomp),
+            f"nmf_{d}_relative_improvement": model.relative_improvements_.rename(n_components=ncomp),
+            f"nmf_{d}_stability": model.stability_,
+        }
+    )
+    ds.attrs.update(
+        {
+            f"nmf_{d}_n_components": model.n_components_,
+            f"nmf_{d}_criterion": (
+                "smallest k with (E_k - E_k+1)/E_k <= max(rtol, noise_factor * noise-only improvement)"
+                if model.n_components == "auto"
+                else "fixed by the user"
+            ),
+            f"nmf_{d}_x_ranges": np.asarray(model.x_ranges_, dtype=float).ravel(),
+            f"nmf_{d}_shift": model.shift_,
+            f"nmf_{d}_negative": model.negative_mode_,
+            f"nmf_{d}_parameters": repr(
+                {k: getattr(model, k) for k in (
+                    "n_components", "min_components", "max_components", "init", "random_state",
+                    "max_iter", "tol", "n_restarts", "smoothness", "negative", "rtol", "noise_factor",
+                )}
+            ),
+        }
+    )
+    return ds
