@@ -195,6 +195,7 @@ def test_series_open_reads_one_image_and_one_header(tmp_path, frames, monkeypatc
     scan = io.open_scan(str(tmp_path / "s" / "*.edf"))
     assert counts == {"open": 1, "openheader": 1}  # first image, last header; the rest stat'ed
     assert scan.shape == many.shape
+    assert scan.data.chunks[0] == (256, 44)  # at most SERIES_CHUNK_FILES files per task
     np.testing.assert_array_equal(scan[[0, 150, 299], 1, 2].values, [0, 150, 299])
 
 

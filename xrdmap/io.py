@@ -38,12 +38,16 @@ __all__ = [
     "default_chunk_frames",
     "natural_sort_key",
     "CHUNK_BYTES",
+    "SERIES_CHUNK_FILES",
 ]
 
 #: Target size of one dask chunk of frames (bytes).
 CHUNK_BYTES = 64 * 2**20
+#: Most image files per dask chunk of a series (each file is opened on its own).
+SERIES_CHUNK_FILES = 256
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
+_DIGITS = re.compile(r"(\d+)")
 _START_STEP = re.compile(r"\s*([-+0-9.eE]+)\s*,\s*([-+0-9.eE]+)\s*")
 _MAX_LISTED = 8
 # One representative file per distinct file size gets its header checked at open time;
@@ -149,7 +153,8 @@ def open_scan(
         These take precedence over ``*_path`` and auto-detection.
     chunk_frames
         Frames per dask chunk. Default: :func:`default_chunk_frames` (about
-        :data:`CHUNK_BYTES` per chunk, aligned on the HDF5 chunking).
+        :data:`CHUNK_BYTES` per chunk, aligned on the HDF5 chunking; at most
+        :data:`SERIES_CHUNK_FILES` files per chunk for an image series).
 
     Returns
     -------
@@ -232,6 +237,8 @@ def open_scan(
 
     if chunk_frames is None:
         chunk_frames = default_chunk_frames(stack.shape[1:], stack.dtype, file_chunk=file_chunk)
+        if kind == "fabio":  # one file open per frame: keep small-frame series parallel
+            chunk_frames = min(chunk_frames, SERIES_CHUNK_FILES)
     chunk_frames = int(min(chunk_frames, n))
     data = da.from_array(
         stack,
@@ -351,9 +358,8 @@ def file_checksum(path: str | os.PathLike, *, block_bytes: int = 2**20) -> str:
 
 def natural_sort_key(text: str) -> tuple:
     """Sort key that orders embedded numbers by value: ``frame2`` before ``frame10``."""
-    return tuple(
-        (0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text)
-    )
+    # re.split with a group alternates text (even places) and digits (odd places).
+    return tuple(int(part) if i % 2 else part for i, part in enumerate(_DIGITS.split(text)))
 
 
 # --------------------------------------------------------------------------- lazy stacks
@@ -1236,17 +1242,11 @@ def _open_series(paths: list[str], source: Any) -> _ImageSeries:
                 f"frame file {paths[i]!r} has shape {hdr_shape} but {first!r} has {shape}; "
                 "expected all series frames of one shape"
             )
-    root = (
-        os.path.commonpath([os.path.abspath(p) for p in (paths[0], paths[-1])])
-        if len(paths) > 1
-        else ""
-    )
-    if root and not os.path.isdir(root):
-        root = os.path.dirname(root)
-    absolute = [os.path.abspath(p) for p in paths]
-    if root and all(a.startswith(root + os.sep) for a in absolute):
-        names = tuple(a[len(root) + 1 :] for a in absolute)
+    # Store one folder and bare names when the files share a folder: a small graph.
+    folder = os.path.dirname(paths[0])
+    if all(os.path.dirname(q) == folder for q in paths):
+        root, names = os.path.abspath(folder), tuple(os.path.basename(q) for q in paths)
     else:
-        root, names = "", tuple(absolute)
+        root, names = "", tuple(os.path.abspath(q) for q in paths)
     stamp = (int(sizes.sum()), os.stat(first).st_mtime_ns, os.stat(paths[-1]).st_mtime_ns)
     return _ImageSeries(root, names, shape, dtype, stamp)
