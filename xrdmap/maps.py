@@ -104,6 +104,7 @@ def _pretty(name: str) -> str:
         text = text[m.end():]
     if re.fullmatch(r"[A-Za-z0-9().,·\- ]+", text):
         text = re.sub(r"(?<=[A-Za-z)])(\d+(?:\.\d+)?)", r"$_{\1}$", text)
+        text = re.sub(r"(?<=[A-Z]|[a-z](?<=[A-Z][a-z]))([xyz])(?=[A-Z(])", r"$_{\1}$", text)
     return prefix + text
 
 
@@ -186,6 +187,33 @@ def _component_styles(ds: xr.Dataset, dim: str) -> list[tuple[str, str, str]]:
     return styles
 
 
+def nmf_ranges(ds: xr.Dataset, dim: str) -> list[tuple[float, float]]:
+    """The x ranges (A^-1 or A) the NMF in ``dim`` was fitted on (``nmf_{dim}_x_ranges``)."""
+    value = ds.attrs.get(f"nmf_{dim}_x_ranges")
+    if value is None and f"nmf_{dim}_x_ranges" in ds.variables:
+        value = ds[f"nmf_{dim}_x_ranges"].values
+    if value is None:
+        return []
+    vals = np.asarray(value, dtype=float).ravel()
+    return [(float(a), float(b)) for a, b in zip(vals[::2], vals[1::2], strict=False)
+            if np.isfinite(a) and np.isfinite(b) and b > a]
+
+
+def _window(ds: xr.Dataset, dim: str, x_range) -> tuple[float, float] | None:
+    """Explicit ``x_range``; for ``"auto"`` the span the NMF was fitted on, else everything."""
+    if x_range is None:
+        return None
+    if isinstance(x_range, str):
+        if x_range != "auto":
+            raise ConfigError(f"{dim}_range {x_range!r}: expected 'auto', None or (min, max)")
+        ranges = nmf_ranges(ds, dim)
+        return (min(a for a, _ in ranges), max(b for _, b in ranges)) if ranges else None
+    lo, hi = (float(v) for v in x_range)
+    if not hi > lo:
+        raise ConfigError(f"{dim}_range {x_range!r}: expected (min, max) with min < max")
+    return lo, hi
+
+
 def _require(ds: xr.Dataset, name: str, dims: tuple[str, ...]) -> xr.DataArray:
     if name not in ds:
         raise InputError(f"result dataset has no variable {name!r}: expected {name} {dims}")
@@ -248,6 +276,7 @@ def _heatmap(ds: xr.Dataset, da: xr.DataArray, xdim: str, xlabel: str, *, norm, 
 
 def plot_iq_map(ds: xr.Dataset, *, var: str = "iq", scale: str = "log",
                 percentiles: tuple[float, float] = (1.0, 99.8),
+                q_range: tuple[float, float] | str | None = "auto",
                 boundaries: Sequence[float] | str | None = "auto", cmap: str = "viridis") -> Figure:
     """Heatmap of I(Q) along the scan: Q (A^-1) horizontally, scan axis vertically.
 
@@ -261,7 +290,11 @@ def plot_iq_map(ds: xr.Dataset, *, var: str = "iq", scale: str = "log",
         ``"log"`` (logarithmic colours between robust percentiles of the positive values),
         ``"robust"`` (linear between percentiles) or ``"linear"`` (full range).
     percentiles
-        Lower and upper percentile (%) that bound the colour scale.
+        Lower and upper percentile (%) that bound the colour scale (taken inside the
+        plotted Q window).
+    q_range
+        (min, max) Q window in A^-1; ``"auto"`` (default) shows the range the NMF was
+        fitted on when the result records it (where the Bragg peaks are), None everything.
     boundaries
         Zone boundaries (scan-axis units) drawn as dashed lines; ``"auto"`` uses
         :func:`zone_boundaries`, None draws none.
@@ -269,6 +302,11 @@ def plot_iq_map(ds: xr.Dataset, *, var: str = "iq", scale: str = "log",
         Matplotlib colour map (perceptually uniform by default).
     """
     da = _require(ds, var, ("point", "q"))
+    window = _window(ds, "q", q_range)
+    if window is not None:
+        da = da.sel(q=slice(*window))
+        if da.sizes["q"] < 2:
+            raise ConfigError(f"q_range {window}: fewer than 2 Q points of {var!r} inside")
     z = np.asarray(da.values, dtype=float)
     if scale == "log":
         positive = np.where(z > 0, z, np.nan)
@@ -290,13 +328,18 @@ def plot_iq_map(ds: xr.Dataset, *, var: str = "iq", scale: str = "log",
 
 
 def plot_gr_map(ds: xr.Dataset, *, percentile: float = 99.5,
+                r_range: tuple[float, float] | str | None = None,
                 boundaries: Sequence[float] | str | None = "auto", cmap: str = "RdBu_r") -> Figure:
     """Heatmap of G(r) along the scan: r (A) horizontally, scan axis vertically.
 
     G(r) oscillates about zero, so the colours diverge from white at G = 0 (ColorBrewer
     RdBu, safe for colour-blind readers) and are symmetric up to the ``percentile`` of |G|.
+    ``r_range``: (min, max) in A, ``"auto"`` for the real-space NMF range, None for all.
     """
     da = _require(ds, "gr", ("point", "r"))
+    window = _window(ds, "r", r_range)
+    if window is not None:
+        da = da.sel(r=slice(*window))
     z = np.abs(np.asarray(da.values, dtype=float))
     lim = _robust_limits(z, 0.0, percentile)[1]
     norm = TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim)
@@ -345,18 +388,16 @@ def plot_weights(ds: xr.Dataset, dim: str = "q", *, normalize: bool = True,
     return fig
 
 
-def _scaled_reference(comp: np.ndarray, ref: np.ndarray) -> np.ndarray | None:
+def _scaled_reference(comp: np.ndarray, ref: np.ndarray, inside: np.ndarray) -> np.ndarray | None:
     """``a * ref + b`` fitted to ``comp`` by least squares (a >= 0): the overlay of a reference."""
-    ok = np.isfinite(comp) & np.isfinite(ref)
+    ok = np.isfinite(comp) & np.isfinite(ref) & inside
     if ok.sum() < 3 or np.ptp(ref[ok]) == 0:
         return None
     design = np.column_stack([ref[ok], np.ones(ok.sum())])
     (a, b), *_ = np.linalg.lstsq(design, comp[ok], rcond=None)
     if a <= 0:
         return None
-    out = np.full_like(comp, np.nan)
-    out[ok] = a * ref[ok] + b
-    return out
+    return a * ref + b
 
 
 def plot_components(ds: xr.Dataset, dim: str = "q", *, spacing: float = 1.15) -> Figure:
@@ -373,19 +414,24 @@ def plot_components(ds: xr.Dataset, dim: str = "q", *, spacing: float = 1.15) ->
     x = np.asarray(comps.coords[dim].values, dtype=float) if dim in comps.coords else np.arange(comps.sizes[dim])
     refs = ds.get("reference_iq" if dim == "q" else "reference_gr")
     phases = _component_phase(ds, dim)
+    window = _window(ds, dim, "auto")
+    inside = np.ones(x.size, dtype=bool) if window is None else (x >= window[0]) & (x <= window[1])
     fig = _new_figure(7.0, 1.2 + 1.3 * comps.sizes["component"])
     ax = fig.add_subplot()
     ref_drawn = False
+    drawn = 0
     for i, (color, ls, label) in enumerate(_component_styles(ds, dim)):
         c = np.asarray(comps.values[i], dtype=float)
         if not np.isfinite(c).any():
             continue  # padding: this space chose fewer components
-        lo, hi = np.nanmin(c), np.nanmax(c)
+        seen = c[inside] if np.isfinite(c[inside]).any() else c
+        lo, hi = np.nanmin(seen), np.nanmax(seen)
         height = (hi - lo) or 1.0
-        offset = spacing * i
+        offset = spacing * drawn
+        drawn += 1
         if refs is not None and phases and phases[i] in [str(p) for p in refs.coords["phase"].values]:
             ref = np.asarray(refs.sel(phase=phases[i]).transpose(dim).values, dtype=float)
-            fitted = _scaled_reference(c, ref)
+            fitted = _scaled_reference(c, ref, inside)
             if fitted is not None:
                 ax.plot(x, (fitted - lo) / height + offset, color="black", lw=0.8, ls=(0, (3, 2)),
                         zorder=3, label=None if ref_drawn else "reference (scaled)")
@@ -400,7 +446,16 @@ def plot_components(ds: xr.Dataset, dim: str = "q", *, spacing: float = 1.15) ->
         ax.set_xlabel("r (Å)")
         ax.set_ylabel("G(r) (arb. units, offset)")
         ax.set_title("NMF components (real space) and reference G(r)")
-    ax.set_xlim(np.nanmin(x), np.nanmax(x))
+    ranges = nmf_ranges(ds, dim)
+    lo_x, hi_x = float(np.nanmin(x)), float(np.nanmax(x))
+    if ranges:
+        lo_x = max(lo_x, min(a for a, _ in ranges))
+        hi_x = min(hi_x, max(b for _, b in ranges))
+        edges = sorted(ranges)
+        for (_, b0), (a1, _) in zip(edges[:-1], edges[1:], strict=True):
+            if a1 > b0:  # gaps between fitted ranges were not seen by the NMF
+                ax.axvspan(b0, a1, color="0.92", lw=0, zorder=0)
+    ax.set_xlim(lo_x, hi_x)
     handles, labels = ax.get_legend_handles_labels()
     ax.legend(handles[::-1], labels[::-1], loc="upper left", bbox_to_anchor=(1.01, 1.0),
               frameon=False, fontsize="small")
@@ -653,7 +708,7 @@ def _dissolve_transitions(x: np.ndarray, starts: list[int], min_plateau: int, to
 
 
 def find_zone_boundaries(phase_fraction: xr.DataArray, *, n_zones: int | None = None,
-                         max_zones: int = 8, min_size: int = 2, min_change: float = 0.1,
+                         max_zones: int = 8, min_size: int = 2, min_change: float = 0.05,
                          min_plateau: int = 4, penalty: float | None = None) -> list[float]:
     """Scan positions where the phase composition changes (change points).
 
@@ -718,7 +773,7 @@ def find_zone_boundaries(phase_fraction: xr.DataArray, *, n_zones: int | None = 
     else:
         if penalty is None:
             sigma2 = float(np.mean((np.median(np.abs(np.diff(x, axis=0)), axis=0) / 0.6745) ** 2 / 2))
-            penalty = max(2.0 * p * sigma2 * np.log(n), 0.5 * min_size * min_change**2)
+            penalty = max(3.0 * p * sigma2 * np.log(n), 0.5 * min_size * min_change**2)
         c1, c2 = _segment_costs(x)
 
         def sse(starts: list[int]) -> float:
