@@ -124,6 +124,8 @@ def test_image_series_give_the_written_frames(tmp_path, frames, ext):
     paths = write_series(tmp_path / ext, frames, ext)
     scan = io.open_scan(str(tmp_path / ext / f"frame*.{ext}"))
     assert scan.attrs["format"] == "fabio"
+    assert scan.attrs["source"] == str(tmp_path / ext / f"frame*.{ext}")
+    assert scan.attrs["frames_path"] == ""
     assert scan.dims == ("point", "y", "x")
     assert scan.dtype == np.int32
     np.testing.assert_array_equal(scan.compute().values, frames)  # natural order: 2 before 10

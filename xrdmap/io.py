@@ -195,12 +195,11 @@ def open_scan(
         frames_attr = stack.path
         file_chunk = stack.file_chunk
     else:
-        for name, value in (("frames_path", frames_path),):
-            if value is not None:
-                raise ConfigError(
-                    f"{name} {value!r} applies only to HDF5 sources, not to an image series"
-                )
-        stack = _open_series(resolved, source)
+        if frames_path is not None:
+            raise ConfigError(
+                f"frames_path {frames_path!r} applies only to HDF5 sources, not to an image series"
+            )
+        stack = _open_series(resolved)
         found = {}
         for name, spec in (
             ("position", positions_path),
@@ -209,8 +208,10 @@ def open_scan(
         ):
             if spec is not None:
                 found[name] = _read_external(spec, name, None)
-        source_attr = source if isinstance(source, (str, os.PathLike)) else _describe_list(resolved)
-        source_attr = str(source_attr)
+        if isinstance(source, (str, os.PathLike)):
+            source_attr = os.path.abspath(os.fspath(source))
+        else:
+            source_attr = _describe_list([os.path.abspath(q) for q in resolved])
         frames_attr = ""
         file_chunk = None
 
@@ -1183,7 +1184,7 @@ def _points(idx: np.ndarray) -> str:
 # --------------------------------------------------------------------------- image series
 
 
-def _open_series(paths: list[str], source: Any) -> _ImageSeries:
+def _open_series(paths: list[str]) -> _ImageSeries:
     import fabio
 
     sizes = np.empty(len(paths), dtype=np.int64)
