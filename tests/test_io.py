@@ -471,6 +471,17 @@ def test_series_frame_of_other_shape_but_same_size_is_caught_when_read(tmp_path,
         scan.compute()
 
 
+def test_series_frame_of_wider_dtype_is_caught_when_read(tmp_path, frames):
+    write_series(tmp_path / "s", frames[:3], "edf")
+    EdfImage(data=frames[2].astype(np.float32) + 0.5).write(str(tmp_path / "s" / "frame2.edf"))
+    scan = io.open_scan(str(tmp_path / "s" / "*.edf"))
+    assert scan.dtype == np.int32
+    with pytest.raises(
+        InputError, match=r"frame2\.edf.*dtype float32 but the series frames are int32"
+    ):
+        scan.compute()
+
+
 def test_coordinate_errors(tmp_path, frames):
     path = write_nexus(tmp_path / "scan.h5", frames)
     short = tmp_path / "short.csv"

@@ -171,6 +171,13 @@ def open_scan(
         non-numeric, not finite, or (monitor) not positive.
     ConfigError
         Conflicting or malformed arguments.
+
+    Notes
+    -----
+    Opening reads no frame data from an HDF5 file. For an image series it stats every
+    file, reads the first image (shape, dtype) and one header per distinct file size;
+    each chunk task checks the shape and dtype of every frame it reads and raises
+    :class:`InputError` naming the file that differs.
     """
     import dask.array as da
     import xarray as xr
@@ -535,7 +542,7 @@ def _read_image_frames(
             raise InputError(
                 f"frame file {p!r} has shape {got} but the series frames have shape {tuple(frame_shape)}"
             )
-        if data.dtype != dtype and not np.can_cast(data.dtype, dtype, casting="same_kind"):
+        if data.dtype != dtype and not np.can_cast(data.dtype, dtype, casting="safe"):
             raise InputError(
                 f"frame file {p!r} has dtype {data.dtype} but the series frames are {dtype}"
             )
