@@ -664,21 +664,14 @@ class Phase:
             r_end = max(r_end, float(r.max()) + 1.0)
         dr = min(0.01, np.pi / qmax / 8.0)
         rf, g = self._g_fine(r_end, stretch, u_iso, size_A, qdamp, delta2, dr)
-        # DST-I on a zero-padded grid: F(Q_k), Q_k = pi k / (M dr), fine enough in Q
-        from scipy.fft import dst
-
-        m = int(max(len(rf) * 2, np.ceil(np.pi / 0.005 / dr)))
-        x = np.zeros(m - 1)
-        x[: len(rf) - 1] = g[1:]
-        fq = dst(x, type=1) * dr / 2.0
-        qk = np.pi * np.arange(1, m) / (m * dr)
+        qk, fq = _sine_transform(g, dr, q_step=0.005)
         cut = (qk <= qmax) & (qk >= qmin)
         fq = np.where(cut, fq, 0.0)
         if lorch:
             fq = fq * np.sinc(qk / qmax)
-        gt = dst(fq, type=1) / (m * dr)
-        grid = np.arange(1, m) * dr
-        return np.interp(r, np.concatenate(([0.0], grid)), np.concatenate(([0.0], gt)))
+        gt = _inverse_sine_transform(fq, dr)
+        grid = np.arange(len(gt) + 1) * dr
+        return np.interp(r, grid, np.concatenate(([0.0], gt)))
 
     def simulate_fq(
         self,
@@ -713,15 +706,10 @@ class Phase:
         size = _BULK_FQ_DIAMETER_A if size_A is None else _positive(size_A, "size_A")
         r_end = size + _GR_TAPER_A + 1.0
         dr = min(0.01, np.pi / max(float(q.max()), 1.0) / 8.0)
-        r, g = self._g_fine(r_end, stretch, u_iso, size, qdamp, delta2, dr)
-        out = np.empty(q.shape)
-        flat_q = q.ravel()
-        flat = out.reshape(-1)
-        step = max(1, 4_000_000 // len(r))
-        for start in range(0, len(flat_q), step):
-            qq = flat_q[start : start + step]
-            flat[start : start + step] = np.sin(np.outer(qq, r)) @ g * dr
-        return out
+        _, g = self._g_fine(r_end, stretch, u_iso, size, qdamp, delta2, dr)
+        # features are ~2 pi / size wide: sample them 30 times finer, then interpolate
+        qk, fq = _sine_transform(g, dr, q_step=min(0.005, 2.0 * np.pi / size / 30.0))
+        return np.interp(q, np.concatenate(([0.0], qk)), np.concatenate(([0.0], fq)))
 
     def simulate_total_iq(
         self,
@@ -800,6 +788,26 @@ def _pseudo_voigt_sum(q: np.ndarray, centres: np.ndarray, areas: np.ndarray, fwh
     profile = np.fft.irfft(np.fft.rfft(hist) * kernel, n=n) / dq
     grid = np.arange(n_data) * dq
     return np.maximum(np.interp(q, grid, profile[:n_data]), 0.0)
+
+
+def _sine_transform(g: np.ndarray, dr: float, q_step: float) -> tuple[np.ndarray, np.ndarray]:
+    """``F(Q_k) = int G(r) sin(Q_k r) dr`` of G on ``r_n = n dr`` (G(0) = 0), by DST-I.
+
+    The grid is zero-padded so that ``Q_k = pi k / (M dr)`` has spacing <= ``q_step``.
+    """
+    from scipy.fft import dst
+
+    m = int(max(2 * len(g), np.ceil(np.pi / q_step / dr)))
+    x = np.zeros(m - 1)
+    x[: len(g) - 1] = g[1:]
+    return np.pi * np.arange(1, m) / (m * dr), dst(x, type=1) * dr / 2.0
+
+
+def _inverse_sine_transform(fq: np.ndarray, dr: float) -> np.ndarray:
+    """``G(r_n) = 2/pi int F(Q) sin(Q r_n) dQ`` for n = 1..M-1, inverse of :func:`_sine_transform`."""
+    from scipy.fft import dst
+
+    return dst(fq, type=1) / ((len(fq) + 1) * dr)
 
 
 def _sphere_envelope(r: np.ndarray, diameter: float) -> np.ndarray:

@@ -1,0 +1,332 @@
+"""Reference phase library and simulated I(Q), F(Q), G(r) against independent truths."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.signal import find_peaks
+
+from xrdmap.composition import form_factor, formula_mass
+from xrdmap.errors import InputError
+from xrdmap.phases import (
+    DEFAULT_UISO,
+    KINDS,
+    Phase,
+    get_phase,
+    load_cif,
+    load_library,
+    resolve_phases,
+)
+
+DATA = Path(__file__).parent / "data" / "phases"
+PHOSPHATES = ["LVP", "LATP", "LTP", "Li3PO4-beta", "Li3PO4-gamma", "eps-LiVOPO4", "anti-NASICON",
+              "LVP-Pbcn", "AlPO4", "Li4P2O7", "LiFePO4"]
+
+
+@pytest.fixture(scope="module")
+def lib():
+    return load_library()
+
+
+def _peak_max(x, y, i):
+    """Sub-grid position of the maximum at index i (parabola through 3 points)."""
+    y0, y1, y2 = y[i - 1], y[i], y[i + 1]
+    return x[i] + 0.5 * (y0 - y2) / (y0 - 2 * y1 + y2) * (x[1] - x[0])
+
+
+# ------------------------------------------------------------------ library
+
+
+def test_library_has_the_study_phases(lib):
+    expected = {
+        "LVP": ("Li3V2(PO4)3", 4), "eps-LiVOPO4": ("LiVOPO4", 4), "Li3PO4-beta": ("Li3PO4", 2),
+        "Li3PO4-gamma": ("Li3PO4", 4), "LATP": ("Li1.3Al0.3Ti1.7(PO4)3", 6),
+        "LTP": ("LiTi2(PO4)3", 6), "anti-NASICON": ("Li2Al0.15V0.77Ti1.08(PO4)3", 4),
+        "LVP-Pbcn": ("Li2V2(PO4)3", 4), "AlPO4": ("AlPO4", 3), "Li4P2O7": ("Li4P2O7", 2),
+        "CeO2": ("CeO2", 4), "Ni": ("Ni", 4), "LiFePO4": ("LiFePO4", 4),
+    }
+    assert set(expected) <= set(lib)
+    for name, (formula, z) in expected.items():
+        p = lib[name]
+        assert p.formula == formula
+        assert p.z == pytest.approx(z, abs=1e-3)
+        assert p.kind in KINDS and p.kind != "user"
+        assert p.provenance and p.path.is_file()
+        # cell mass = Z formula masses (composition module as the independent truth)
+        assert p.cell_mass == pytest.approx(z * formula_mass(formula), rel=1e-3)
+    # published/certified densities (g cm^-3)
+    assert lib["CeO2"].density_g_cm3 == pytest.approx(7.215, abs=0.005)
+    assert lib["Ni"].density_g_cm3 == pytest.approx(8.91, abs=0.01)
+    assert lib["AlPO4"].density_g_cm3 == pytest.approx(2.618, abs=0.005)  # AMCSD 0004489 header
+
+
+def test_space_groups_and_kinds(lib):
+    assert lib["LVP"].spacegroup.replace(" ", "") == "P121/n1"
+    assert lib["eps-LiVOPO4"].spacegroup.replace(" ", "") == "P-1"
+    assert lib["Li3PO4-beta"].spacegroup.replace(" ", "") == "Pmn21"
+    assert lib["Li3PO4-gamma"].spacegroup.replace(" ", "") == "Pmnb"
+    assert lib["LATP"].spacegroup.replace(" ", "") == "R-3c"
+    assert lib["LVP"].kind == "approximate model"
+    assert lib["LATP"].kind == "isostructural model"
+    assert lib["CeO2"].kind == "direct"
+    assert "Wang" in lib["Li3PO4-gamma"].provenance
+
+
+def test_site_multiplicities_from_symmetry(lib):
+    # atoms per cell = sum of Wyckoff multiplicities (International Tables)
+    assert len(lib["CeO2"].structure) == 4 + 8
+    assert len(lib["Ni"].structure) == 4
+    # LATP: Li 6b + Li 18e + (Ti,Al) 12c x2 + P 18e + O 36f x2
+    assert len(lib["LATP"].structure) == 6 + 18 + 12 + 12 + 18 + 36 + 36
+    assert len(lib["LVP"].structure) == 20 * 4  # 20 general positions of P2_1/n
+
+
+def test_anti_nasicon_m_site(lib):
+    p = lib["anti-NASICON"]
+    occ = {}
+    for a in p.structure:
+        if a.element in ("Al", "V", "Ti"):
+            occ.setdefault(tuple(np.round(a.xyz, 4)), {})[a.element] = a.occupancy
+    assert len(occ) == 8  # one 8d site of Pbna
+    for site in occ.values():
+        assert site == pytest.approx({"Al": 0.075, "V": 0.385, "Ti": 0.54})
+        assert sum(site.values()) == pytest.approx(1.0)
+    comp = p.composition
+    for el, n in {"Li": 2, "Al": 0.15, "V": 0.77, "Ti": 1.08, "P": 3, "O": 12}.items():
+        assert comp[el] == pytest.approx(n, abs=2e-3)
+
+
+def test_aliases_and_errors(lib):
+    assert lib["lvp"] is lib["LVP"]
+    assert lib["LixV2(PO4)3-Pbcn"].name == "LVP-Pbcn"
+    assert lib["epsilon-LiVOPO4"].name == "eps-LiVOPO4"
+    assert lib["Li2(Al,V,Ti)2(PO4)3"].name == "anti-NASICON"
+    assert "ceria" in lib and "nonsense" not in lib
+    assert get_phase("li3po4").name == "Li3PO4-gamma"
+    with pytest.raises(InputError, match="available: LVP, "):
+        lib["LiCoO2"]
+    with pytest.raises(InputError, match=r"alpha1-LiVOPO4=path.cif"):
+        get_phase("alpha1-LiVOPO4")
+    with pytest.raises(InputError, match="LiTiOPO4"):
+        lib["LiTiOPO4"]
+    with pytest.raises(InputError, match="not found"):
+        load_cif(DATA / "missing.cif")
+
+
+def test_user_cifs(tmp_path, lib):
+    src = lib["Ni"].path
+    folder = tmp_path / "cifs"
+    folder.mkdir()
+    shutil.copy(src, folder / "MyNi.cif")
+    shutil.copy(src, tmp_path / "alpha1.cif")
+    user = load_library(extra={"alpha1-LiVOPO4": tmp_path / "alpha1.cif"}, folder=folder)
+    assert user["myni"].kind == "user" and user["myni"].formula == "Ni" and user["myni"].z == 4
+    assert user["alpha1-LiVOPO4"].kind == "user"
+    assert "LVP" in user
+    got = resolve_phases(["LATP", f"X={tmp_path / 'alpha1.cif'}"])
+    assert list(got) == ["LATP", "X"]
+    bad = tmp_path / "bad.cif"
+    bad.write_text("data_x\n_cell_length_a 3\n")
+    with pytest.raises(InputError, match="bad.cif"):
+        load_cif(bad)
+
+
+# ------------------------------------------------------------------ reflections
+
+
+@pytest.mark.parametrize("name", ["CeO2", "Ni"])
+def test_d_spacings_match_pyfai_calibrants(lib, name):
+    from pyFAI.calibrant import get_calibrant
+
+    cal = get_calibrant(name)
+    cal.wavelength = 1e-11  # 0.1 A: every line down to d = 0.05 A
+    d_ref = np.array(cal.dspacing)
+    ref = d_ref[d_ref > 2 * np.pi / 20.0]  # pyFAI's Ni file lists only the first 5 lines
+    ours = lib[name].reflections(20.0).d_A
+    ours = ours[ours > ref.min() * (1 - 1e-6)]
+    assert len(ref) >= 5 and len(ours) == len(ref)
+    np.testing.assert_allclose(np.sort(ours), np.sort(ref), rtol=1e-4)
+
+
+def test_ceo2_structure_factors_analytic(lib):
+    # fluorite: F(111) = 4 f_Ce, F(200) = 4 (f_Ce - 2 f_O), F(220) = 4 (f_Ce + 2 f_O), DW exp(-U Q^2/2)
+    ceo2 = lib["CeO2"]
+    rows = {r[0]: r for r in ceo2.reflections(5.0)}
+    dw = lambda q: np.exp(-0.5 * DEFAULT_UISO * q * q)  # noqa: E731
+    for hkl, mult, sign in [((1, 1, 1), 8, 0), ((2, 0, 0), 6, -1), ((2, 2, 0), 12, 1)]:
+        _, d, q, m, f2 = rows[hkl]
+        assert d == pytest.approx(5.411651 / np.sqrt(sum(h * h for h in hkl)), rel=1e-9)
+        assert m == mult
+        f = 4 * (form_factor("Ce", q) + 2 * sign * form_factor("O", q)) * dw(q)
+        assert f2 == pytest.approx(float(f * f), rel=1e-4)
+    # the strongest powder line of ceria is (111)
+    assert ceo2.reflections(10.0).strongest(1).hkl[0].tolist() == [1, 1, 1]
+    q = np.linspace(1, 10, 4000)
+    iq = ceo2.simulate_iq(q)
+    assert q[np.argmax(iq)] == pytest.approx(2 * np.pi / rows[(1, 1, 1)][1], abs=0.005)
+
+
+def test_merged_multiplicity_cubic(lib):
+    # (333) and (511) share d in a cubic cell: one line of multiplicity 8 + 24
+    rows = {round(r[1], 6): r for r in lib["Ni"].reflections(20.0)}
+    d = round(3.52387 / np.sqrt(27), 6)
+    assert rows[d][3] == 32
+
+
+def test_laue_reduction_matches_brute_force(lib):
+    # symmetry-reduced list == plain sum over every hkl (P1 treatment of the same atoms)
+    latp = lib["LATP"]
+    p1 = Phase.from_structure(latp.structure, "LATP-P1", formula=latp.formula)
+    a, b = latp.reflections(6.0), p1.reflections(6.0)
+    np.testing.assert_allclose(a.d_A, b.d_A, rtol=1e-10)
+    np.testing.assert_array_equal(a.multiplicity, b.multiplicity)
+    np.testing.assert_allclose(a.f2, b.f2, rtol=1e-8)
+
+
+# ------------------------------------------------------------------ I(Q)
+
+
+def test_iq_peak_area_absolute(lib):
+    # area of the (111) line = 2 pi^2 / (V M) * 8 |F|^2 / Q^2, with F from form factors
+    ceo2 = lib["CeO2"]
+    a = 5.411651
+    q111 = 2 * np.pi * np.sqrt(3) / a
+    f = 4 * form_factor("Ce", q111) * np.exp(-0.5 * DEFAULT_UISO * q111**2)
+    expected = 2 * np.pi**2 / (a**3 * 4 * formula_mass("CeO2")) * 8 * f * f / q111**2
+    q = np.linspace(q111 - 0.3, q111 + 0.3, 6001)
+    area = np.trapezoid(ceo2.simulate_iq(q, fwhm_q=0.01, eta=0.0), q)
+    assert area == pytest.approx(float(expected), rel=2e-3)
+
+
+def test_per_mass_intensity_independent_of_cell_choice(lib):
+    from diffpy.structure.expansion import supercell
+
+    li3po4 = lib["Li3PO4-gamma"]
+    double = Phase.from_structure(supercell(li3po4.structure, (2, 1, 1)), "2x", formula="Li3PO4")
+    assert double.z == 2 * li3po4.z
+    q = np.linspace(0.5, 8.0, 3000)
+    single_iq = li3po4.simulate_iq(q)
+    np.testing.assert_allclose(double.simulate_iq(q), single_iq, rtol=1e-6, atol=1e-9 * single_iq.max())
+    # mixtures by weight: w1 I1 + w2 I2; 50/50 of the same phase is the phase
+    np.testing.assert_allclose(0.5 * single_iq + 0.5 * double.simulate_iq(q), single_iq, rtol=1e-6,
+                               atol=1e-9 * single_iq.max())
+
+
+def test_stretch_moves_peaks_and_keeps_area(lib):
+    ni = lib["Ni"]
+    q = np.linspace(2.5, 4.0, 3001)
+    q111 = 2 * np.pi * np.sqrt(3) / 3.52387
+    for s in (0.98, 1.0, 1.03):
+        iq = ni.simulate_iq(q, stretch=s, fwhm_q=0.01, eta=0.0, u_iso=0.0)
+        i = np.argmax(np.where(q < 3.3, iq, 0))
+        assert _peak_max(q, iq, i) == pytest.approx(q111 / s, abs=1e-4)
+        # zero displacements: area ~ f(Q)^2 / (V Q^2) with V ~ s^3, Q ~ 1/s: area ~ f^2 / s
+        w = q < 3.3
+        area = np.trapezoid(iq[w], q[w])
+        expected = (2 * np.pi**2 / (3.52387**3 * s**3 * 4 * formula_mass("Ni")) * 8
+                    * (4 * form_factor("Ni", q111 / s)) ** 2 / (q111 / s) ** 2)
+        assert area == pytest.approx(float(expected), rel=2e-3)
+
+
+def test_size_broadening_scherrer(lib):
+    ni = lib["Ni"]
+    q = np.linspace(2.6, 3.6, 4001)
+    iq = ni.simulate_iq(q, fwhm_q=0.0, size_A=200.0, eta=0.0)
+    half = iq > iq.max() / 2
+    fwhm = q[half][-1] - q[half][0]
+    assert fwhm == pytest.approx(2 * np.pi * 0.9 / 200.0, rel=0.02)
+
+
+def test_iq_fast_path_and_validation(lib):
+    lvp = lib["LVP"]
+    q = np.linspace(0.5, 25, 3000)
+    base = lvp.simulate_iq(q)
+    assert base.shape == q.shape and np.all(base >= 0) and base.max() > 0
+    table = lvp._cache["reflections"]
+    lvp.simulate_iq(q, stretch=1.02)
+    assert lvp._cache["reflections"] is table  # stretched patterns reuse the reflection list
+    with pytest.raises(InputError, match="stretch"):
+        lvp.simulate_iq(q, stretch=-1)
+    with pytest.raises(InputError, match="q grid"):
+        lvp.simulate_iq([np.nan])
+    with pytest.raises(InputError, match="eta"):
+        lvp.simulate_iq(q, eta=2)
+
+
+# ------------------------------------------------------------------ G(r), F(Q)
+
+
+@pytest.mark.parametrize("name", PHOSPHATES)
+def test_first_gr_peak_is_p_o_bond(lib, name):
+    r = np.arange(0.8, 3.0, 0.005)
+    g = lib[name].simulate_gr(r, qmax=24.0, qdamp=0.03)
+    peaks, _ = find_peaks(g, prominence=0.3)
+    first = _peak_max(r, g, peaks[0])
+    assert first == pytest.approx(1.53, abs=0.05)
+
+
+def _read_pdfgetx3_gr(path):
+    text = path.read_text().split("#### start data", 1)[1]
+    rows = [line.split() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    data = np.array(rows, dtype=float)
+    return data[:, 0], data[:, 1]
+
+
+def test_ni_gr_peak_positions_match_pdfgetx3(lib):
+    r, g_ref = _read_pdfgetx3_gr(DATA / "ni300mesh_300k_nor_1-5-pdfgetx3.gr")
+    g = lib["Ni"].simulate_gr(r, qmax=26.0, qdamp=0.06, u_iso=0.005)
+    ref_peaks, _ = find_peaks(g_ref, prominence=1.0)
+    ref_peaks = ref_peaks[r[ref_peaks] > 1.5][:10]
+    ours, _ = find_peaks(g, prominence=1.0)
+    ours_r = np.array([_peak_max(r, g, i) for i in ours])
+    assert len(ref_peaks) == 10
+    for i in ref_peaks:
+        r_ref = _peak_max(r, g_ref, i)
+        assert np.min(np.abs(ours_r - r_ref)) < 0.02, r_ref
+    # the same fcc shells: sqrt(n/2) a for the first ones
+    assert ours_r[0] == pytest.approx(3.52387 / np.sqrt(2), abs=0.01)
+
+
+def test_gr_low_r_baseline_is_number_density(lib):
+    # below the first neighbour G(r) = -4 pi rho0 r
+    ni = lib["Ni"]
+    r = np.linspace(0.3, 1.6, 131)
+    g = ni.simulate_gr(r, qmax=60.0, qdamp=0.0)
+    slope = np.polyfit(r, g, 1)[0]
+    assert -slope == pytest.approx(4 * np.pi * 4 / 3.52387**3, rel=0.03)
+
+
+def test_size_envelope_kills_long_range(lib):
+    r = np.linspace(1, 30, 2901)
+    g = lib["LATP"].simulate_gr(r, size_A=7.0)
+    assert np.max(np.abs(g[r > 9.0])) < 0.05 * np.max(np.abs(g))
+
+
+def test_fq_and_gr_are_a_sine_transform_pair(lib):
+    # G from simulate_gr equals 2/pi int_0^qmax F(Q) sin(Qr) dQ with F from simulate_fq
+    latp = lib["LATP"]
+    qmax = 20.0
+    q = np.linspace(0, qmax, 8001)
+    fq = latp.simulate_fq(q, size_A=12.0, qdamp=0.0)
+    r = np.linspace(1.0, 10.0, 91)
+    g_direct = 2 / np.pi * np.trapezoid(fq[None, :] * np.sin(np.outer(r, q)), q, axis=1)
+    g = latp.simulate_gr(r, size_A=12.0, qmax=qmax, qdamp=0.0)
+    np.testing.assert_allclose(g, g_direct, atol=0.01 * np.abs(g).max())
+
+
+def test_debye_route_matches_bragg_route_per_mass(lib):
+    # Ni (one element: pair weights exact at every Q). Real-space route: pair sum -> F(Q) ->
+    # (N/M)[f^2 + f^2 F/Q], minus the Laue diffuse (N/M) f^2 (1 - exp(-U Q^2)) that the
+    # Debye-Waller factor moves out of the lines. Reciprocal route: structure factors.
+    ni = lib["Ni"]
+    q = np.linspace(1.0, 9.0, 8001)
+    total = ni.simulate_total_iq(q, size_A=60.0, qdamp=0.0)
+    f2, _ = ni.form_factor_moments(q)
+    debye = total - ni.atoms_per_mass * f2 * (1 - np.exp(-DEFAULT_UISO * q * q))
+    bragg = ni.simulate_iq(q, fwhm_q=0.001, size_A=60.0, eta=0.0)
+    for lo, hi, rel in ((2.0, 8.5, 0.01), (2.0, 3.3, 0.05), (4.3, 5.5, 0.05)):
+        w = (q >= lo) & (q <= hi)
+        assert np.trapezoid(debye[w], q[w]) == pytest.approx(np.trapezoid(bragg[w], q[w]), rel=rel)
