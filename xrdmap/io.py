@@ -23,13 +23,16 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import hdf5plugin  # noqa: F401  (registers the compression filters with HDF5 on import)
 import numpy as np
 
 from xrdmap.errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 __all__ = [
     "open_scan",
@@ -131,7 +134,7 @@ def open_scan(
     positions: str | Sequence[float] | np.ndarray | None = None,
     times: str | Sequence[float] | np.ndarray | None = None,
     chunk_frames: int | None = None,
-):
+) -> xr.DataArray:
     """Open a scan lazily as a dask-backed DataArray of frames.
 
     Parameters
@@ -180,7 +183,7 @@ def open_scan(
     :class:`InputError` naming the file that differs.
     """
     import dask.array as da
-    import xarray as xr
+    import xarray as xr  # noqa: F811  (imported here to keep `import xrdmap` light)
 
     if chunk_frames is not None and (
         isinstance(chunk_frames, bool)
