@@ -166,6 +166,15 @@ def test_zone_table_means_match_independent_slices(result):
     np.testing.assert_allclose(auto["mean_fraction"].values, expected, atol=1e-12)
 
 
+def test_boundaries_from_nmf_weights_without_fractions(result):
+    # a background component near 1 and phase components of a few per cent, as NMF of raw I(Q)
+    f = result["phase_fraction"].values
+    w = np.column_stack([0.95 + 0.01 * f[:, 0], 0.03 * f])
+    ds = result.drop_vars(["phase_fraction", "nmf_q_weights"]).drop_dims("component")
+    ds["nmf_q_weights"] = (("point", "component"), w / w.sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(maps.zone_boundaries(ds), TRUE_BOUNDARIES, atol=STEP_MM)
+
+
 def test_stored_boundaries_take_precedence(result):
     ds = result.assign_attrs(zone_boundaries=[2.0])
     assert maps.zone_boundaries(ds) == [2.0]
@@ -257,6 +266,19 @@ def test_phase_fractions_stack_and_residual_band(result):
     np.testing.assert_allclose(sorted(xs), TRUE_BOUNDARIES, atol=STEP_MM)
     fills = {to_hex(c.get_facecolor()[0]) for c in ax.collections[:3]}
     assert fills == {maps.phase_colors(result)[p].lower() for p in PHASES}
+
+
+def test_weights_panels_when_profiles_would_be_flat(result):
+    f = result["phase_fraction"].values
+    ds = result.copy()
+    ds["nmf_q_weights"] = (("point", "component"), np.column_stack([0.95 + 0.01 * f[:, 0], 0.02 * f[:, 1:]]))
+    fig = maps.plot_weights(ds, "q")
+    assert len(fig.axes) == 3  # one panel per component, each with its own y range
+    spans = [np.ptp(ax.get_lines()[0].get_ydata()) for ax in fig.axes]
+    for ax, span in zip(fig.axes, spans, strict=True):
+        lo, hi = ax.get_ylim()
+        assert span > 0.5 * (hi - lo)  # the profile fills its panel
+    assert len(maps.plot_weights(result, "q").axes) == 1  # comparable weights: one panel
 
 
 def test_quality_and_overview(result):

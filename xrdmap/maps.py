@@ -193,6 +193,18 @@ def nmf_ranges(ds: xr.Dataset, dim: str) -> list[tuple[float, float]]:
     if value is None and f"nmf_{dim}_x_ranges" in ds.variables:
         value = ds[f"nmf_{dim}_x_ranges"].values
     if value is None:
+        # the run configuration records the ranges even when the NMF attrs were not merged
+        config = ds.attrs.get("configuration")
+        if isinstance(config, str):
+            import json
+
+            try:
+                config = json.loads(config)
+            except json.JSONDecodeError:
+                config = None
+        decompose = config.get("decompose") if isinstance(config, Mapping) else None
+        value = decompose.get(f"{dim}_ranges") if isinstance(decompose, Mapping) else None
+    if value is None or np.size(value) == 0:
         return []
     vals = np.asarray(value, dtype=float).ravel()
     return [(float(a), float(b)) for a, b in zip(vals[::2], vals[1::2], strict=False)
@@ -351,6 +363,7 @@ def plot_gr_map(ds: xr.Dataset, *, percentile: float = 99.5,
 
 
 def plot_weights(ds: xr.Dataset, dim: str = "q", *, normalize: bool = True,
+                 layout: str = "auto",
                  boundaries: Sequence[float] | str | None = "auto") -> Figure:
     """NMF component weights along the scan, coloured like their assigned phases.
 
@@ -361,6 +374,11 @@ def plot_weights(ds: xr.Dataset, dim: str = "q", *, normalize: bool = True,
     normalize
         Show each point's weights as fractions of their sum (relative weights, as the
         pdfitc NMF-mapping app does); otherwise the raw weights.
+    layout
+        ``"overlay"`` (one panel), ``"panels"`` (one panel per component, own y scale) or
+        ``"auto"``: panels when the components' weight variations differ by more than a
+        factor 5 (e.g. a background component near 1 beside phases of a few %), so that
+        no profile is flattened against the axis.
     """
     if dim not in ("q", "r"):
         raise ConfigError(f"dim {dim!r}: expected 'q' or 'r'")
@@ -368,23 +386,50 @@ def plot_weights(ds: xr.Dataset, dim: str = "q", *, normalize: bool = True,
     if normalize:
         total = np.nansum(w, axis=1, keepdims=True)
         w = np.divide(w, total, out=np.full_like(w, np.nan), where=total > 0)
+    if layout not in ("auto", "overlay", "panels"):
+        raise ConfigError(f"layout {layout!r}: expected 'auto', 'overlay' or 'panels'")
     scan, _, scan_label = scan_axis(ds)
     order = np.argsort(scan, kind="stable")
-    fig = _new_figure(7.0, 4.0)
-    ax = fig.add_subplot()
-    for i, (color, ls, label) in enumerate(_component_styles(ds, dim)):
-        if not np.isfinite(w[:, i]).any():
-            continue  # padding: this space chose fewer components
-        ax.plot(scan[order], w[order, i], color=color, ls=ls, lw=1.8, marker="o", ms=2.5, label=label)
-    for b in _boundaries_of(ds, boundaries):
-        ax.axvline(b, color="0.3", lw=0.8, ls="--")
-    ax.set_xlabel(scan_label)
-    ax.set_ylabel("relative weight (fraction)" if normalize else "weight (arb. units)")
-    if normalize:
-        ax.set_ylim(-0.02, 1.02)
+    real = [i for i in range(w.shape[1]) if np.isfinite(w[:, i]).any()]  # NaN: padding
+    spans = np.array([np.nanmax(w[:, i]) - np.nanmin(w[:, i]) for i in real])
+    if layout == "auto":
+        full = float(np.nanmax(w[:, real]) - min(0.0, float(np.nanmin(w[:, real])))) if real else 0.0
+        flat = spans.size and spans.max() < 0.2 * full  # every profile squashed against the axis
+        uneven = spans.size > 1 and spans.max() > 5 * max(spans.min(), 1e-12)
+        layout = "panels" if flat or uneven else "overlay"
+    styles = _component_styles(ds, dim)
+    bounds = _boundaries_of(ds, boundaries)
+    ylabel = "relative weight" if normalize else "weight (arb. units)"
     space = "reciprocal space, Q" if dim == "q" else "real space, r"
-    ax.set_title(f"NMF component weights ({space})")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize="small")
+    if layout == "overlay":
+        fig = _new_figure(7.0, 4.0)
+        ax = fig.add_subplot()
+        for i in real:
+            color, ls, label = styles[i]
+            ax.plot(scan[order], w[order, i], color=color, ls=ls, lw=1.8, marker="o", ms=2.5, label=label)
+        for b in bounds:
+            ax.axvline(b, color="0.3", lw=0.8, ls="--")
+        ax.set_xlabel(scan_label)
+        ax.set_ylabel(ylabel + (" (fraction)" if normalize else ""))
+        if normalize:
+            ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"NMF component weights ({space})")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize="small")
+        return fig
+    fig = _new_figure(7.0, 0.9 + 1.35 * len(real))
+    axes = fig.subplots(len(real), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, i in zip(axes, real, strict=True):
+        color, ls, label = styles[i]
+        ax.plot(scan[order], w[order, i], color=color, ls=ls, lw=1.8, marker="o", ms=2.5)
+        for b in bounds:
+            ax.axvline(b, color="0.3", lw=0.8, ls="--")
+        ax.text(0.01, 0.95, label, transform=ax.transAxes, ha="left", va="top", fontsize="small",
+                bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1.5})
+        ax.margins(y=0.25)
+    axes[-1].set_xlabel(scan_label)
+    fig.supylabel(ylabel + (" (fraction; own scale per panel)" if normalize else ", own scale per panel"),
+                  fontsize="medium")
+    axes[0].set_title(f"NMF component weights ({space})")
     return fig
 
 
@@ -591,6 +636,9 @@ def plot_overview(ds: xr.Dataset, *, boundaries: Sequence[float] | str | None = 
     axes = fig.subplots(1, 2 if has_fractions else 1, sharey=True, squeeze=False,
                         gridspec_kw={"width_ratios": [2.2, 1] if has_fractions else [1]})[0]
 
+    window = _window(ds, "q", "auto")
+    if window is not None and da.sel(q=slice(*window)).sizes["q"] >= 2:
+        da = da.sel(q=slice(*window))
     scan, _, scan_label = scan_axis(ds)
     order = np.argsort(scan, kind="stable")
     z = np.asarray(da.values, dtype=float)
@@ -800,8 +848,9 @@ def find_zone_boundaries(phase_fraction: xr.DataArray, *, n_zones: int | None = 
 
 def zone_boundaries(ds: xr.Dataset, **kwargs: Any) -> list[float]:
     """Zone boundaries of a result: stored ones (``zone_boundaries`` attr or variable) if
-    present, else :func:`find_zone_boundaries` on ``phase_fraction`` (or, without it, the
-    Q-space NMF weights); [] when neither exists."""
+    present, else :func:`find_zone_boundaries` on ``phase_fraction`` (or, without it, on
+    the Q-space NMF weights, each component scaled to its own 0-1 range); [] when neither
+    exists."""
     stored = ds["zone_boundaries"].values if "zone_boundaries" in ds.variables else ds.attrs.get("zone_boundaries")
     if stored is not None:
         return sorted(float(b) for b in np.atleast_1d(np.asarray(stored, dtype=float)) if np.isfinite(b))
@@ -809,8 +858,12 @@ def zone_boundaries(ds: xr.Dataset, **kwargs: Any) -> list[float]:
         if name in ds and "point" in ds[name].dims and ds[name].ndim == 2:
             da = ds[name]
             if name.startswith("nmf"):
-                total = da.sum(da.dims[1] if da.dims[0] == "point" else da.dims[0])
-                da = da / total.where(total > 0)
+                # each component on its own 0-1 scale: a background component near 1 must
+                # not hide phases of a few per cent
+                da = da.dropna("component", how="all")
+                lo, hi = da.min("point"), da.max("point")
+                da = (da - lo) / (hi - lo).where(hi > lo)
+                da = da.fillna(0.0)
             return find_zone_boundaries(da, **kwargs)
     return []
 
