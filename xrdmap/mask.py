@@ -115,9 +115,10 @@ def find_beamstop(
     *,
     center: tuple[float, float] | None = None,
     invalid: np.ndarray | None = None,
-    fraction: float = 0.2,
+    fraction: float = 0.3,
     smooth_px: int = 5,
     grow_px: int = 3,
+    bridge_px: int = 10,
 ) -> np.ndarray:
     """The beamstop's shadow: the connected low-intensity region at or nearest the beam centre.
 
@@ -135,6 +136,15 @@ def find_beamstop(
         the median of the valid pixels.
     smooth_px, grow_px : int
         Median-filter size and dilation (pixels) applied to the shadow.
+    bridge_px : int
+        The shadow is followed across invalid pixels (module gaps) up to this many pixels
+        from its edge.
+
+    Notes
+    -----
+    Only the opaque part of the shadow is found; a semi-transparent beamstop arm that
+    dims the scattering by less than ``1 - fraction`` needs a polygon
+    (:func:`beamstop_polygon`). Invalid pixels are never included.
 
     Returns
     -------
@@ -152,7 +162,10 @@ def find_beamstop(
     filled = np.where(bad, np.inf, img)
     sm = ndimage.median_filter(filled, size=smooth_px, mode="nearest")
     low = (sm < level) & ~bad
-    labels, n = ndimage.label(low)
+    # let the shadow continue across detector gaps (a few pixels wide) without joining
+    # distant low regions through the gap grid
+    bridge = bad & ndimage.binary_dilation(low, iterations=bridge_px)
+    labels, n = ndimage.label(low | bridge)
     if n == 0:
         return np.zeros(img.shape, dtype=bool)
     rows, cols = img.shape
@@ -171,11 +184,10 @@ def find_beamstop(
         yy, xx = np.nonzero(cand)
         k = np.argmin((yy - cy) ** 2 + (xx - cx) ** 2)
         lab = labels[yy[k], xx[k]]
-    shadow = labels == lab
-    shadow = ndimage.binary_fill_holes(shadow)
+    shadow = ndimage.binary_fill_holes(labels == lab)
     if grow_px > 0:
         shadow = ndimage.binary_dilation(shadow, iterations=int(grow_px))
-    return shadow
+    return shadow & ~bad
 
 
 def _robust_z(values: np.ndarray) -> np.ndarray:
