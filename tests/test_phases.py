@@ -330,3 +330,36 @@ def test_debye_route_matches_bragg_route_per_mass(lib):
     for lo, hi, rel in ((2.0, 8.5, 0.01), (2.0, 3.3, 0.05), (4.3, 5.5, 0.05)):
         w = (q >= lo) & (q <= hi)
         assert np.trapezoid(debye[w], q[w]) == pytest.approx(np.trapezoid(bragg[w], q[w]), rel=rel)
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def test_cli_list_show_search(tmp_path):
+    from typer.testing import CliRunner
+
+    from xrdmap.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["phases", "list"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0
+    for name in ("LVP", "eps-LiVOPO4", "Li3PO4-gamma", "LATP", "anti-NASICON", "alpha1-LiVOPO4"):
+        assert name in res.output
+    assert "approximate model" in res.output and "--phase alpha1-LiVOPO4=path.cif" in res.output
+    res = runner.invoke(app, ["phases", "show", "ceria", "-n", "3"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0
+    assert "Fm-3m" in res.output.replace(" ", "") and "Z = 4" in res.output
+    assert "3.1244" in res.output and "2.0110" in res.output  # (111): d = a/sqrt(3), Q = 2 pi/d
+    assert "NIST SRM 674b" in res.output
+    res = runner.invoke(app, ["phases", "show", "LiCoO2"])
+    assert res.exit_code != 0 and "available: LVP" in str(res.exception)
+    pytest.importorskip("larixite")
+    out = tmp_path / "berlinite.cif"
+    res = runner.invoke(app, ["phases", "search", "AlPO4", "--id", "4489", "-o", str(out)],
+                        env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "Berlinite" in res.output
+    written = load_cif(out, "berlinite")
+    # AMCSD 4489 is the entry the shipped AlPO4 CIF was transcribed from
+    assert written.lattice_abc[:3] == pytest.approx(load_library()["AlPO4"].lattice_abc[:3], rel=1e-4)
+    assert written.formula == "AlPO4" and written.z == pytest.approx(3)

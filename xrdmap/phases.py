@@ -68,7 +68,7 @@ SCHERRER_K = 0.9
 KINDS = ("direct", "isostructural model", "approximate model", "user")
 #: Phases seen in the study for which no open structure exists: name -> explanation.
 UNAVAILABLE = {
-    "alpha1-LiVOPO4": "alpha1-LiVOPO4 (.nH2O), tetragonal P4/n hydrate: no open structure found",
+    "alpha1-LiVOPO4": "alpha1-LiVOPO4 (.nH2O, a hydrated layered phase): no open structure found",
     "LiTiOPO4": "LiTiOPO4 (Pnma): no open structure found",
 }
 _UNAVAILABLE_ALIASES = {
@@ -425,8 +425,11 @@ class Phase:
         def encode(h):
             return ((h[..., 0] + off) * span + (h[..., 1] + off)) * span + (h[..., 2] + off)
 
-        canon = np.max(np.stack([encode(hkl @ r) for r in self._laue]), axis=0)
+        # canonical member: most non-negative indices first, then the largest h, k, l
+        orbit = [hkl @ r for r in self._laue]
+        canon = np.max(np.stack([(h >= 0).sum(axis=1) * span**3 + encode(h) for h in orbit]), axis=0)
         keys, mult = np.unique(canon, return_counts=True)
+        keys = keys % span**3
         rep = np.stack([keys // span**2 - off, (keys // span) % span - off, keys % span - off], axis=1)
         g = rep @ recip.T
         q0 = 2.0 * np.pi * np.sqrt(np.einsum("ij,ij->i", g, g))
