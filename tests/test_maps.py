@@ -213,6 +213,15 @@ def test_iq_and_gr_maps_have_units(result):
     assert norm.vmin == pytest.approx(-norm.vmax)  # diverging about G = 0
 
 
+def test_contrast_map_is_relative_deviation(result):
+    fig = maps.plot_iq_map(result, scale="contrast", boundaries=None)
+    mesh = fig.axes[0].collections[0]
+    iq = result["iq"].values
+    expected = iq / np.median(iq, axis=0) - 1.0
+    np.testing.assert_allclose(np.asarray(mesh.get_array()).reshape(iq.shape), expected, rtol=1e-12)
+    assert mesh.norm.vmin == pytest.approx(-mesh.norm.vmax)
+
+
 def test_time_series_axis():
     fig = maps.plot_iq_map(make_result(scan="time"), scale="robust")
     assert fig.axes[0].get_ylabel() == "time (s)"
@@ -301,7 +310,7 @@ def test_missing_variable_is_input_error(result):
 def test_save_figures_writes_valid_files(result, tmp_path):
     paths = maps.save_figures(result, tmp_path / "figs", formats=("png", "svg"))
     names = {p.name for p in paths}
-    for stem in ("iq_map", "gr_map", "weights_q", "weights_r", "components_q", "components_r",
+    for stem in ("iq_map", "iq_contrast", "gr_map", "weights_q", "weights_r", "components_q", "components_r",
                  "phase_fractions", "overview", "quality"):
         assert f"{stem}.png" in names and f"{stem}.svg" in names
     for p in paths:
@@ -315,7 +324,7 @@ def test_save_figures_writes_valid_files(result, tmp_path):
     assert not list((tmp_path / "figs").glob("*.partial"))
     only = maps.save_figures(result.drop_vars(["gr", "nmf_r_components", "nmf_r_weights"]),
                              tmp_path / "few", formats=["png"], what=["gr", "iq"])
-    assert [p.name for p in only] == ["iq_map.png"]
+    assert [p.name for p in only] == ["iq_map.png", "iq_contrast.png"]
 
 
 def test_plot_cli(result, tmp_path):

@@ -66,7 +66,7 @@ _EXTRA_COLORS = ("#332288", "#882255", "#117733", "#999933", "#44AA99", "#AA4499
 
 #: Figure names written by :func:`save_figures`, grouped by the ``what`` selector of the CLI.
 FIGURES = {
-    "iq": ("iq_map",),
+    "iq": ("iq_map", "iq_contrast"),
     "gr": ("gr_map",),
     "weights": ("weights_q", "weights_r"),
     "components": ("components_q", "components_r"),
@@ -300,7 +300,9 @@ def plot_iq_map(ds: xr.Dataset, *, var: str = "iq", scale: str = "log",
         ``"iq"`` (default), ``"sq"`` or ``"fq"``.
     scale
         ``"log"`` (logarithmic colours between robust percentiles of the positive values),
-        ``"robust"`` (linear between percentiles) or ``"linear"`` (full range).
+        ``"robust"`` (linear between percentiles), ``"linear"`` (full range) or
+        ``"contrast"`` (relative deviation from the scan's median pattern, diverging
+        colours: shows where the phases change even under a strong smooth background).
     percentiles
         Lower and upper percentile (%) that bound the colour scale (taken inside the
         plotted Q window).
@@ -328,13 +330,23 @@ def plot_iq_map(ds: xr.Dataset, *, var: str = "iq", scale: str = "log",
         norm = Normalize(*_robust_limits(z, *percentiles), clip=True)
     elif scale == "linear":
         norm = Normalize(*_robust_limits(z, 0.0, 100.0))
+    elif scale == "contrast":
+        # relative deviation from the scan's median pattern: what changes between points
+        ref = np.nanmedian(z, axis=0)
+        z = np.divide(z, ref, out=np.full_like(z, np.nan), where=ref > 0) - 1.0
+        da = da.copy(data=z)
+        lim = _robust_limits(np.abs(z), 0.0, percentiles[1])[1]
+        norm = TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim)
+        cmap = "RdBu_r" if cmap == "viridis" else cmap
     else:
-        raise ConfigError(f"scale {scale!r}: expected 'log', 'robust' or 'linear'")
+        raise ConfigError(f"scale {scale!r}: expected 'log', 'robust', 'linear' or 'contrast'")
     labels = {"iq": ("I(Q) (arb. units)", "I(Q)"), "sq": ("S(Q)", "S(Q)"),
               "fq": ("F(Q) (Å$^{-1}$)", "F(Q)")}
     cbar_label, what = labels.get(var, (var, var))
     if scale == "log":
         cbar_label += ", log scale"
+    elif scale == "contrast":
+        cbar_label = f"{what} / median over the scan − 1"
     return _heatmap(ds, da, "q", "Q (Å$^{-1}$)", norm=norm, cmap=cmap, cbar_label=cbar_label,
                     title=f"{what} along the scan", boundaries=_boundaries_of(ds, boundaries))
 
@@ -957,6 +969,7 @@ def make_figures(ds: xr.Dataset, what: str | Iterable[str] = "all") -> dict[str,
     bounds = zone_boundaries(ds)
     makers = {
         "iq_map": ("iq", lambda: plot_iq_map(ds, boundaries=bounds)),
+        "iq_contrast": ("iq", lambda: plot_iq_map(ds, scale="contrast", boundaries=bounds)),
         "gr_map": ("gr", lambda: plot_gr_map(ds, boundaries=bounds)),
         "weights_q": ("nmf_q_weights", lambda: plot_weights(ds, "q", boundaries=bounds)),
         "weights_r": ("nmf_r_weights", lambda: plot_weights(ds, "r", boundaries=bounds)),

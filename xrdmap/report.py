@@ -49,6 +49,7 @@ code{font-size:.9em}
 _CAPTIONS = {
     "overview": "I(Q) across the scan (left) next to the phase weight fractions (right); dashed: zone boundaries.",
     "iq_map": "I(Q) along the scan, logarithmic colour scale.",
+    "iq_contrast": "Relative deviation of each I(Q) from the scan's median pattern: where the phases change.",
     "gr_map": "G(r) along the scan; colours diverge from white at G = 0.",
     "weights_q": "Relative weights of the reciprocal-space NMF components.",
     "weights_r": "Relative weights of the real-space NMF components.",
@@ -58,7 +59,7 @@ _CAPTIONS = {
     "quality": "Coherence length and residual; shaded points are flagged amorphous.",
 }
 _SECTION_FIGURES = {
-    "summary": ("overview", "iq_map"),
+    "summary": ("overview", "iq_map", "iq_contrast"),
     "pdf": ("gr_map",),
     "nmf": ("weights_q", "components_q", "weights_r", "components_r"),
     "zones": ("phase_fractions",),
