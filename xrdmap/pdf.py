@@ -307,6 +307,8 @@ def transform(
     c = c[:, None]
     fraw = q * (data / (c * fm2) - f2 / fm2)
     fq = fraw - _poly_correction(fraw, valid, q, qmaxinst, degree)
+    # the polynomial is not defined beyond its fit range
+    valid = valid & (q <= qmaxinst)[None, :]
     fq = np.where(valid, fq, np.nan)
     with np.errstate(divide="ignore", invalid="ignore"):
         sq = np.where(q > 0, 1.0 + fq / q, np.nan)
@@ -442,6 +444,7 @@ _CFG_IGNORED = (
     "interact",
     "verbose",
     "formfactorfile",
+    "pdf_scale",
     "config",
     "section",
     "saveplot",
@@ -463,6 +466,7 @@ _CFG_DEFAULTS = {
     "rmax": 30.0,
     "rstep": 0.01,
     "outputtype": ["gr"],
+    "lorch": False,
 }
 DATAFORMATS = ("twotheta", "QA", "Qnm")
 
@@ -518,6 +522,10 @@ def read_pdfgetx3_cfg(path, section: str = "DEFAULT") -> dict:
                 out["outputtype"] = kinds
             else:
                 out[key] = value or None
+        elif key == "lorch":
+            if value.lower() not in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+                raise ConfigError(f"{p.name}: lorch = {value!r}; expected true or false")
+            out["lorch"] = value.lower() in ("true", "yes", "on", "1")
         elif key not in _CFG_IGNORED:
             warnings.warn(f"{p.name}: key {key!r} is not a PDFgetX3 parameter xrdmap uses; ignored", stacklevel=2)
     if out["dataformat"] not in DATAFORMATS:
