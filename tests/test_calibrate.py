@@ -257,3 +257,17 @@ def test_cli_calibrate_missing_image(tmp_path):
     assert p.returncode == 2
     assert "nope.tif" in p.stderr
     assert not out.exists()
+
+
+def test_example_i15_1_files_are_consistent():
+    from xrdmap.mask import load_mask
+
+    root = Path(__file__).parents[1] / "calibration"
+    poni = read_poni(root / "I15-1_PE4343CT_76.69keV_350mm_example.poni")
+    assert poni["wavelength"] * 1e10 == pytest.approx(12.398419843 / 76.69, rel=1e-8)  # 0.161669 A
+    assert poni["dist"] == pytest.approx(0.350)
+    ai = make_integrator(poni)
+    assert tuple(ai.detector.shape) == (2880, 2880)
+    assert ai.detector.pixel1 == pytest.approx(150e-6)
+    mask = load_mask(root / "I15-1_PE4343CT_example_mask.edf.gz", shape=(2880, 2880))
+    assert mask[1440, 1440] and mask[2879, 1440] and not mask[100, 100]

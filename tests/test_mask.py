@@ -117,7 +117,7 @@ def test_combine_masks_union_and_shape_check():
         combine_masks(a, np.zeros((5, 4)))
 
 
-@pytest.mark.parametrize("suffix", [".edf", ".npy"])
+@pytest.mark.parametrize("suffix", [".edf", ".edf.gz", ".npy"])
 def test_save_mask_round_trip(tmp_path, suffix):
     m = np.zeros((37, 41), bool)
     m[3:9, 10:20] = True
@@ -131,7 +131,7 @@ def test_save_mask_round_trip(tmp_path, suffix):
 
 
 def test_save_mask_rejects_unknown_format(tmp_path):
-    with pytest.raises(OutputError, match=".edf or .npy"):
+    with pytest.raises(OutputError, match=".edf, .edf.gz or .npy"):
         save_mask(np.zeros((3, 3)), tmp_path / "mask.png")
     assert not (tmp_path / "mask.png").exists()
 

@@ -87,7 +87,7 @@ def calibrate(
 
 @app.command("mask")
 def mask_cmd(
-    output: Path = typer.Option(..., "-o", "--output", help="Mask file to write (.edf or .npy; 1 = masked)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Mask file to write (.edf, .edf.gz or .npy; 1 = masked)."),
     detector: str = typer.Option(..., help="pyFAI detector name (its gaps are masked)."),
     image: Path | None = typer.Option(None, help="Image for the beamstop search (a calibrant or sample frame)."),
     dark: list[Path] | None = typer.Option(None, help="Dark frame(s) for hot pixels (repeat the option)."),
@@ -104,11 +104,11 @@ def mask_cmd(
         detector_gaps,
         find_beamstop,
         hot_dead_pixels,
+        mask_format,
         save_mask,
     )
 
-    if output.suffix.lower() not in (".edf", ".npy"):
-        raise ConfigError(f"mask output {str(output)!r}: expected a .edf or .npy file name")
+    mask_format(output)
     det = make_detector(detector)
     img = _read_array(image, "image") if image is not None else None
     shape = tuple(det.shape) if det.shape is not None else (img.shape if img is not None else None)
