@@ -292,3 +292,58 @@ def test_engine_cache_is_per_spec():
     c = make_spec(PONI, SHAPE, npt=NPT + 1, q_range=Q_RANGE)
     assert c != a and get_engine(c) is not get_engine(a)
     assert dask.base.tokenize(a) == dask.base.tokenize(b)
+
+
+# ---- the `xrdmap integrate` command -------------------------------------------------------
+
+@pytest.fixture()
+def scan_files(tmp_path, frames, extras):
+    import h5py
+
+    from xrdmap.geometry import write_poni
+
+    scan = tmp_path / "scan.h5"
+    with h5py.File(scan, "w") as fh:
+        fh.create_dataset("entry/data/data", data=frames[:4])
+    poni = write_poni(PONI, tmp_path / "geometry.poni")
+    mask = tmp_path / "mask.npy"
+    np.save(mask, extras["mask"].astype(np.uint8))
+    return scan, poni, mask
+
+
+def test_cli_integrate_writes_result(tmp_path, scan_files, ai, frames, extras):
+    from typer.testing import CliRunner
+
+    from xrdmap.cli import app
+    from xrdmap.results import open_result
+
+    scan, poni, mask = scan_files
+    out = tmp_path / "result.h5"
+    res = CliRunner().invoke(app, ["integrate", str(scan), "--poni", str(poni), "--mask", str(mask),
+                                   "--npt", str(NPT), "--q-range", "1,10", "--frames-path",
+                                   "entry/data/data", "--positions", "0,0.25", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    ds = open_result(out)
+    assert ds["iq"].shape == (4, NPT)
+    np.testing.assert_allclose(ds["position"].values, [0.0, 0.25, 0.5, 0.75])
+    ref = _pyfai(ai, frames[2], mask=extras["mask"])
+    assert _max_rel(ds["iq"].values[2], ref.intensity, ref.intensity) <= RTOL
+    assert _max_rel(ds["iq_sigma"].values[2], ref.sigma, ref.intensity) <= RTOL
+
+
+def test_cli_bad_input_exits_nonzero_without_output(tmp_path, scan_files):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    scan, poni, _ = scan_files
+    bad_mask = tmp_path / "small_mask.npy"
+    np.save(bad_mask, np.zeros((10, 10), np.uint8))
+    out = tmp_path / "result.h5"
+    exe = Path(sys.executable).with_name("xrdmap")
+    proc = subprocess.run([str(exe), "integrate", str(scan), "--poni", str(poni), "--mask", str(bad_mask),
+                           "--frames-path", "entry/data/data", "-o", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "mask file" in proc.stderr and "(10, 10)" in proc.stderr and "(256, 256)" in proc.stderr
+    assert not out.exists() and not list(tmp_path.glob(".result.h5*"))
