@@ -22,8 +22,19 @@ from xrdmap.phases import (
 )
 
 DATA = Path(__file__).parent / "data" / "phases"
-PHOSPHATES = ["LVP", "LATP", "LTP", "Li3PO4-beta", "Li3PO4-gamma", "eps-LiVOPO4", "anti-NASICON",
-              "LVP-Pbcn", "AlPO4", "Li4P2O7", "LiFePO4"]
+PHOSPHATES = [
+    "LVP",
+    "LATP",
+    "LTP",
+    "Li3PO4-beta",
+    "Li3PO4-gamma",
+    "eps-LiVOPO4",
+    "anti-NASICON",
+    "LVP-Pbcn",
+    "AlPO4",
+    "Li4P2O7",
+    "LiFePO4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +53,19 @@ def _peak_max(x, y, i):
 
 def test_library_has_the_study_phases(lib):
     expected = {
-        "LVP": ("Li3V2(PO4)3", 4), "eps-LiVOPO4": ("LiVOPO4", 4), "Li3PO4-beta": ("Li3PO4", 2),
-        "Li3PO4-gamma": ("Li3PO4", 4), "LATP": ("Li1.3Al0.3Ti1.7(PO4)3", 6),
-        "LTP": ("LiTi2(PO4)3", 6), "anti-NASICON": ("Li2Al0.15V0.77Ti1.08(PO4)3", 4),
-        "LVP-Pbcn": ("Li2V2(PO4)3", 4), "AlPO4": ("AlPO4", 3), "Li4P2O7": ("Li4P2O7", 2),
-        "CeO2": ("CeO2", 4), "Ni": ("Ni", 4), "LiFePO4": ("LiFePO4", 4),
+        "LVP": ("Li3V2(PO4)3", 4),
+        "eps-LiVOPO4": ("LiVOPO4", 4),
+        "Li3PO4-beta": ("Li3PO4", 2),
+        "Li3PO4-gamma": ("Li3PO4", 4),
+        "LATP": ("Li1.3Al0.3Ti1.7(PO4)3", 6),
+        "LTP": ("LiTi2(PO4)3", 6),
+        "anti-NASICON": ("Li2Al0.15V0.77Ti1.08(PO4)3", 4),
+        "LVP-Pbcn": ("Li2V2(PO4)3", 4),
+        "AlPO4": ("AlPO4", 3),
+        "Li4P2O7": ("Li4P2O7", 2),
+        "CeO2": ("CeO2", 4),
+        "Ni": ("Ni", 4),
+        "LiFePO4": ("LiFePO4", 4),
     }
     assert set(expected) <= set(lib)
     for name, (formula, z) in expected.items():
@@ -209,10 +228,16 @@ def test_per_mass_intensity_independent_of_cell_choice(lib):
     assert double.z == 2 * li3po4.z
     q = np.linspace(0.5, 8.0, 3000)
     single_iq = li3po4.simulate_iq(q)
-    np.testing.assert_allclose(double.simulate_iq(q), single_iq, rtol=1e-6, atol=1e-9 * single_iq.max())
+    np.testing.assert_allclose(
+        double.simulate_iq(q), single_iq, rtol=1e-6, atol=1e-9 * single_iq.max()
+    )
     # mixtures by weight: w1 I1 + w2 I2; 50/50 of the same phase is the phase
-    np.testing.assert_allclose(0.5 * single_iq + 0.5 * double.simulate_iq(q), single_iq, rtol=1e-6,
-                               atol=1e-9 * single_iq.max())
+    np.testing.assert_allclose(
+        0.5 * single_iq + 0.5 * double.simulate_iq(q),
+        single_iq,
+        rtol=1e-6,
+        atol=1e-9 * single_iq.max(),
+    )
 
 
 def test_stretch_moves_peaks_and_keeps_area(lib):
@@ -226,8 +251,14 @@ def test_stretch_moves_peaks_and_keeps_area(lib):
         # zero displacements: area ~ f(Q)^2 / (V Q^2) with V ~ s^3, Q ~ 1/s: area ~ f^2 / s
         w = q < 3.3
         area = np.trapezoid(iq[w], q[w])
-        expected = (2 * np.pi**2 / (3.52387**3 * s**3 * 4 * formula_mass("Ni")) * 8
-                    * (4 * form_factor("Ni", q111 / s)) ** 2 / (q111 / s) ** 2)
+        expected = (
+            2
+            * np.pi**2
+            / (3.52387**3 * s**3 * 4 * formula_mass("Ni"))
+            * 8
+            * (4 * form_factor("Ni", q111 / s)) ** 2
+            / (q111 / s) ** 2
+        )
         assert area == pytest.approx(float(expected), rel=2e-3)
 
 
@@ -355,11 +386,31 @@ def test_cli_list_show_search(tmp_path):
     assert res.exit_code != 0 and "available: LVP" in str(res.exception)
     pytest.importorskip("larixite")
     out = tmp_path / "berlinite.cif"
-    res = runner.invoke(app, ["phases", "search", "AlPO4", "--id", "4489", "-o", str(out)],
-                        env={"COLUMNS": "200"})
+    res = runner.invoke(
+        app, ["phases", "search", "AlPO4", "--id", "4489", "-o", str(out)], env={"COLUMNS": "200"}
+    )
     assert res.exit_code == 0, res.output
     assert "Berlinite" in res.output
     written = load_cif(out, "berlinite")
     # AMCSD 4489 is the entry the shipped AlPO4 CIF was transcribed from
-    assert written.lattice_abc[:3] == pytest.approx(load_library()["AlPO4"].lattice_abc[:3], rel=1e-4)
+    assert written.lattice_abc[:3] == pytest.approx(
+        load_library()["AlPO4"].lattice_abc[:3], rel=1e-4
+    )
     assert written.formula == "AlPO4" and written.z == pytest.approx(3)
+
+
+def test_stretch_arrays_and_pickling(lib):
+    import pickle
+
+    latp = lib["LATP"]
+    q = np.linspace(0.5, 10, 500)
+    r = np.linspace(1, 10, 91)
+    stretches = np.array([0.99, 1.0, 1.01])
+    iqs = latp.simulate_iq(q, stretch=stretches)
+    grs = latp.simulate_gr(r, stretch=stretches)
+    assert iqs.shape == (3, 500) and grs.shape == (3, 91)
+    np.testing.assert_array_equal(iqs[1], latp.simulate_iq(q))
+    copy = pickle.loads(pickle.dumps(latp))
+    assert copy._cache == {}  # caches are not shipped to workers
+    np.testing.assert_allclose(copy.simulate_iq(q), iqs[1], rtol=1e-12)
+    np.testing.assert_allclose(copy.simulate_gr(r), grs[1], rtol=1e-9, atol=1e-12)

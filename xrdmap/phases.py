@@ -96,84 +96,125 @@ class _Entry:
 
 _LIBRARY: tuple[_Entry, ...] = (
     _Entry(
-        "LVP", "Li3V2PO43_LVP_P21n_template_OBELiX-lrh_DLS.cif", "Li3V2(PO4)3", "approximate model",
+        "LVP",
+        "Li3V2PO43_LVP_P21n_template_OBELiX-lrh_DLS.cif",
+        "Li3V2(PO4)3",
+        "approximate model",
         "Li2.5V2(PO4)3 framework of Yin et al., Chem. Mater. 16 (2004) 1456 (via OBELiX, noise "
         "removed by distance least squares), Li fully occupied, cell of the seed study "
         "8.60/8.59/12.03 A, beta 90.6; atoms ~0.1-0.2 A off, intensities approximate",
         ("Li3V2(PO4)3", "Li3V2PO43", "LVP-P21n"),
     ),
     _Entry(
-        "eps-LiVOPO4", "LiVOPO4_epsilon_P-1_template_from_LiVPO4F_tavorite.cif", "LiVOPO4",
+        "eps-LiVOPO4",
+        "LiVOPO4_epsilon_P-1_template_from_LiVPO4F_tavorite.cif",
+        "LiVOPO4",
         "isostructural model",
         "tavorite LiVPO4F (Solid State Ionics 2013, doi 10.1016/j.ssi.2013.04.002) with F -> O in "
         "the epsilon-LiVOPO4 cell; V not off-centred, so weak superstructure lines are missing",
         ("epsilon-LiVOPO4", "e-LiVOPO4", "LiVOPO4", "eps-LVOP"),
     ),
     _Entry(
-        "Li3PO4-beta", "Li3PO4_beta_Pmn21_AMCSD0012673_Keffer1967.cif", "Li3PO4", "direct",
+        "Li3PO4-beta",
+        "Li3PO4_beta_Pmn21_AMCSD0012673_Keffer1967.cif",
+        "Li3PO4",
+        "direct",
         "Keffer et al., Inorg. Chem. 6 (1967) 119; AMCSD 0012673",
         ("beta-Li3PO4", "b-Li3PO4"),
     ),
     _Entry(
-        "Li3PO4-gamma", "Li3PO4_gamma_Pmnb_AMCSD0013843_Wang1995.cif", "Li3PO4", "direct",
+        "Li3PO4-gamma",
+        "Li3PO4_gamma_Pmnb_AMCSD0013843_Wang1995.cif",
+        "Li3PO4",
+        "direct",
         "Wang et al., J. Solid State Chem. 115 (1995) 313 (neutron powder); AMCSD 0013843. "
         "Chosen over Baur 1980 (AMCSD 0012724): neutrons locate Li and O precisely and every "
         "site has its own refined Uiso (Baur's two Li share one value)",
         ("gamma-Li3PO4", "g-Li3PO4", "Li3PO4"),
     ),
     _Entry(
-        "LATP", "Li1.3Al0.3Ti1.7PO43_LATP_R-3c_template_COD1008366.cif", "Li1.3Al0.3Ti1.7(PO4)3",
+        "LATP",
+        "Li1.3Al0.3Ti1.7PO43_LATP_R-3c_template_COD1008366.cif",
+        "Li1.3Al0.3Ti1.7(PO4)3",
         "isostructural model",
         "NASICON coordinates of Tran Qui et al., J. Solid State Chem. 72 (1988) 309 (COD 1008366), "
         "Ti 0.85/Al 0.15 on 12c, 0.1 Li on 18e; cell a = 8.5004, c = 20.8156 A (Aono et al. 1990)",
         ("Li1.3Al0.3Ti1.7(PO4)3", "LATP-R-3c"),
     ),
     _Entry(
-        "LTP", "LiTi2PO43_LTP_R-3c_template_COD1008366_TranQui1988.cif", "LiTi2(PO4)3",
+        "LTP",
+        "LiTi2PO43_LTP_R-3c_template_COD1008366_TranQui1988.cif",
+        "LiTi2(PO4)3",
         "isostructural model",
         "near-direct: Tran Qui et al., J. Solid State Chem. 72 (1988) 309 (COD 1008366) with "
         "In -> Ti and minority Li removed; cell a = 8.512, c = 20.858 A (Aono et al. 1990)",
         ("LiTi2(PO4)3",),
     ),
     _Entry(
-        "anti-NASICON", "Li2Al0.15V0.77Ti1.08PO43_antiNASICON_Pbna_model.cif",
-        "Li2Al0.15V0.77Ti1.08(PO4)3", "approximate model",
+        "anti-NASICON",
+        "Li2Al0.15V0.77Ti1.08PO43_antiNASICON_Pbna_model.cif",
+        "Li2Al0.15V0.77Ti1.08(PO4)3",
+        "approximate model",
         "orthorhombic anti-NASICON template (LVP framework symmetrised to Pbna in a = 8.60, "
         "b = 8.63, c = 12.15 A) with the M site Al 0.075 / V 0.385 / Ti 0.540, the refined "
         "Li2Al0.15V0.77Ti1.08(PO4)3 of the seed study; positions a guess",
-        ("anti-NASICON-doped", "AlTi-LVP", "Al,Ti-LVP", "LAVTP", "Li2(Al,V,Ti)2(PO4)3",
-         "Li2Al0.15V0.77Ti1.08(PO4)3", "antiNASICON"),
+        (
+            "anti-NASICON-doped",
+            "AlTi-LVP",
+            "Al,Ti-LVP",
+            "LAVTP",
+            "Li2(Al,V,Ti)2(PO4)3",
+            "Li2Al0.15V0.77Ti1.08(PO4)3",
+            "antiNASICON",
+        ),
     ),
     _Entry(
-        "LVP-Pbcn", "Li2V2PO43_orthorhombic_antiNASICON_Pbna_template.cif", "Li2V2(PO4)3",
+        "LVP-Pbcn",
+        "Li2V2PO43_orthorhombic_antiNASICON_Pbna_template.cif",
+        "Li2V2(PO4)3",
         "approximate model",
         "derived model: LVP framework symmetrised onto Pbna (= Pbcn) in a = 8.60, b = 8.63, "
         "c = 12.15 A, 8 Li per cell spread over 24 sites; positions a guess",
         ("LixV2(PO4)3-Pbcn", "LixV2(PO4)3", "Li2V2(PO4)3", "LixV2PO43-Pbcn", "LxVP-Pbcn"),
     ),
     _Entry(
-        "AlPO4", "AlPO4_berlinite_P3121_AMCSD0004489_Onac2007.cif", "AlPO4", "direct",
+        "AlPO4",
+        "AlPO4_berlinite_P3121_AMCSD0004489_Onac2007.cif",
+        "AlPO4",
+        "direct",
         "berlinite, Onac & Effenberger, Am. Mineral. 92 (2007) 1998; AMCSD 0004489",
         ("berlinite",),
     ),
     _Entry(
-        "Li4P2O7", "Li4P2O7_P-1_template_OBELiX-47i_DLS.cif", "Li4P2O7", "approximate model",
+        "Li4P2O7",
+        "Li4P2O7_P-1_template_OBELiX-47i_DLS.cif",
+        "Li4P2O7",
+        "approximate model",
         "OBELiX entry 47i (ICSD 248414, J. Solid State Chem. 2013, doi 10.1016/j.jssc.2013.12.015) "
         "de-noised by distance least squares; atoms ~0.1-0.2 A off",
         (),
     ),
     _Entry(
-        "CeO2", "CeO2_Fm-3m_NIST_SRM674b.cif", "CeO2", "direct",
+        "CeO2",
+        "CeO2_Fm-3m_NIST_SRM674b.cif",
+        "CeO2",
+        "direct",
         "fluorite, a = 5.411651 A (NIST SRM 674b certificate, as in pyFAI's CeO2 calibrant)",
         ("ceria", "SRM674b"),
     ),
     _Entry(
-        "Ni", "Ni_Fm-3m_COD9008476.cif", "Ni", "direct",
+        "Ni",
+        "Ni_Fm-3m_COD9008476.cif",
+        "Ni",
+        "direct",
         "fcc nickel, Wyckoff, Crystal Structures 1 (1963); COD 9008476",
         ("nickel",),
     ),
     _Entry(
-        "LiFePO4", "LiFePO4_Pnma_Streltsov1993.cif", "LiFePO4", "direct",
+        "LiFePO4",
+        "LiFePO4_Pnma_Streltsov1993.cif",
+        "LiFePO4",
+        "direct",
         "triphylite, Streltsov et al., Acta Cryst. B49 (1993) 147 (single-crystal X-ray)",
         ("LFP", "triphylite"),
     ),
@@ -327,6 +368,12 @@ class Phase:
             _laue=np.array(sorted(laue), dtype=int).reshape(-1, 3, 3),
         )
 
+    def __getstate__(self) -> dict:
+        # caches (reflection and pair tables, MBs) are rebuilt where needed, not shipped
+        state = dict(self.__dict__)
+        state["_cache"] = {}
+        return state
+
     # ------------------------------------------------------------ basic properties
     @property
     def lattice_abc(self) -> tuple[float, float, float, float, float, float]:
@@ -427,10 +474,14 @@ class Phase:
 
         # canonical member: most non-negative indices first, then the largest h, k, l
         orbit = [hkl @ r for r in self._laue]
-        canon = np.max(np.stack([(h >= 0).sum(axis=1) * span**3 + encode(h) for h in orbit]), axis=0)
+        canon = np.max(
+            np.stack([(h >= 0).sum(axis=1) * span**3 + encode(h) for h in orbit]), axis=0
+        )
         keys, mult = np.unique(canon, return_counts=True)
         keys = keys % span**3
-        rep = np.stack([keys // span**2 - off, (keys // span) % span - off, keys % span - off], axis=1)
+        rep = np.stack(
+            [keys // span**2 - off, (keys // span) % span - off, keys % span - off], axis=1
+        )
         g = rep @ recip.T
         q0 = 2.0 * np.pi * np.sqrt(np.einsum("ij,ij->i", g, g))
         n_groups = len(atoms["group_element"])
@@ -456,7 +507,9 @@ class Phase:
             amp += partial[:, g] * (_cached_form_factor(el, q) * np.exp(-0.5 * u * q * q))
         return amp.real**2 + amp.imag**2
 
-    def reflections(self, q_max: float, stretch: float = 1.0, *, u_iso: float | None = None) -> Reflections:
+    def reflections(
+        self, q_max: float, stretch: float = 1.0, *, u_iso: float | None = None
+    ) -> Reflections:
         """All reflections with ``Q <= q_max`` (A^-1), lines of equal d merged.
 
         Parameters
@@ -513,7 +566,9 @@ class Phase:
         Parameters
         ----------
         q : Q values (A^-1), any order and spacing.
-        stretch : factor on all cell lengths; peaks move to ``Q_hkl / stretch``.
+        stretch : factor on all cell lengths; peaks move to ``Q_hkl / stretch``. A 1-D
+            array of stretches gives one pattern per stretch, shape ``(len(stretch), *q.shape)``
+            (the reflection list is computed once; each pattern costs milliseconds).
         fwhm_q : instrumental FWHM (A^-1); default :data:`DEFAULT_FWHM_Q`.
         size_A : crystallite size (A) for Scherrer broadening; None for none.
         eta : Lorentzian fraction of the pseudo-Voigt, 0..1.
@@ -524,6 +579,15 @@ class Phase:
         numpy.ndarray
             Intensity at ``q``, same shape.
         """
+        if np.ndim(stretch) == 1:
+            return np.stack(
+                [
+                    self.simulate_iq(
+                        q, stretch=s, fwhm_q=fwhm_q, size_A=size_A, eta=eta, u_iso=u_iso
+                    )
+                    for s in stretch
+                ]
+            )
         q = _q_grid(q, "q")
         stretch = _positive(stretch, "stretch")
         fwhm = _fwhm(fwhm_q, size_A)
@@ -572,15 +636,27 @@ class Phase:
             d = np.linalg.norm(images[idx] - cart[i], axis=1)
             ok = d > 0.5  # self and sites shared by partially occupied atoms
             j, d = j[ok], d[ok]
-            w = (mult * atoms["occ"][i] * atoms["z"][i] / zbar**2 / n_tot) * atoms["occ"][j] * atoms["z"][j]
+            w = (
+                (mult * atoms["occ"][i] * atoms["z"][i] / zbar**2 / n_tot)
+                * atoms["occ"][j]
+                * atoms["z"][j]
+            )
             d_all.append(d)
             w_all.append(w)
             u_all.append(atoms["uiso"][i] + atoms["uiso"][j])
-        return _PairTable(r_max, np.concatenate(d_all), np.concatenate(w_all), np.concatenate(u_all))
+        return _PairTable(
+            r_max, np.concatenate(d_all), np.concatenate(w_all), np.concatenate(u_all)
+        )
 
     def _g_fine(
-        self, r_end: float, stretch: float, u_iso: float | None, size_A: float | None,
-        qdamp: float, delta2: float, dr: float,
+        self,
+        r_end: float,
+        stretch: float,
+        u_iso: float | None,
+        size_A: float | None,
+        qdamp: float,
+        delta2: float,
+        dr: float,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Untruncated G(r) on a fine grid 0..r_end (A), envelopes applied, smooth end."""
         pairs = self._pairs(r_end / stretch + 1.0)
@@ -602,7 +678,9 @@ class Phase:
         hist += np.bincount(cls * pad + lo + 1, weights=w * frac, minlength=len(classes) * pad)
         hist = hist[: len(classes) * pad].reshape(len(classes), pad)
         nu = np.fft.rfftfreq(pad, d=dr)
-        spec = np.fft.rfft(hist, axis=1) * np.exp(-2.0 * np.pi**2 * classes[:, None] * nu[None, :] ** 2)
+        spec = np.fft.rfft(hist, axis=1) * np.exp(
+            -2.0 * np.pi**2 * classes[:, None] * nu[None, :] ** 2
+        )
         rr = np.fft.irfft(spec.sum(axis=0), n=pad)[:n] / dr  # R(r), atoms per A
         r = np.arange(n) * dr
         rho0 = self.atoms_per_cell / (self.volume_A3 * stretch**3)
@@ -642,7 +720,8 @@ class Phase:
         Parameters
         ----------
         r : r values (A), 0 <= r; any spacing.
-        stretch : factor on all cell lengths (pair distances scale with it).
+        stretch : factor on all cell lengths (pair distances scale with it); a 1-D array
+            gives one G(r) per stretch, shape ``(len(stretch), *r.shape)``.
         qmax : termination of the transform (A^-1).
         qdamp : Gaussian Q-resolution damping (A^-1); 0 for none.
         u_iso : isotropic displacement (A^2) for all atoms instead of the CIF values.
@@ -656,6 +735,17 @@ class Phase:
         numpy.ndarray
             G at ``r``.
         """
+        if np.ndim(stretch) == 1:
+            kw = dict(
+                qmax=qmax,
+                qdamp=qdamp,
+                u_iso=u_iso,
+                size_A=size_A,
+                qmin=qmin,
+                lorch=lorch,
+                delta2=delta2,
+            )
+            return np.stack([self.simulate_gr(r, stretch=s, **kw) for s in stretch])
         r = _q_grid(r, "r")
         stretch = _positive(stretch, "stretch")
         qmax = _positive(qmax, "qmax")
@@ -768,8 +858,9 @@ def _fwhm(fwhm_q: float | None, size_A: float | None) -> float:
     return total
 
 
-def _pseudo_voigt_sum(q: np.ndarray, centres: np.ndarray, areas: np.ndarray, fwhm: float,
-                      eta: float, q_top: float) -> np.ndarray:
+def _pseudo_voigt_sum(
+    q: np.ndarray, centres: np.ndarray, areas: np.ndarray, fwhm: float, eta: float, q_top: float
+) -> np.ndarray:
     """Sum of unit-area pseudo-Voigt peaks by deposition on a fine grid and FFT convolution."""
     dq = fwhm / 16.0
     n_data = int(np.ceil(q_top / dq)) + 2
@@ -786,8 +877,10 @@ def _pseudo_voigt_sum(q: np.ndarray, centres: np.ndarray, areas: np.ndarray, fwh
     hist = hist[:n]
     nu = np.fft.rfftfreq(n, d=dq)
     sigma = fwhm / (2.0 * np.sqrt(2.0 * np.log(2.0)))
-    kernel = eta * np.exp(-np.pi * fwhm * nu) + (1 - eta) * np.exp(-2.0 * np.pi**2 * sigma**2 * nu**2)
-    # the Lorentzian's tails wrap onto negative Q: fold them back as a real powder pattern would not have
+    kernel = eta * np.exp(-np.pi * fwhm * nu) + (1 - eta) * np.exp(
+        -2.0 * np.pi**2 * sigma**2 * nu**2
+    )
+    # circular convolution: what leaks below Q = 0 wraps into the padding, not onto the data
     profile = np.fft.irfft(np.fft.rfft(hist) * kernel, n=n) / dq
     grid = np.arange(n_data) * dq
     return np.maximum(np.interp(q, grid, profile[:n_data]), 0.0)
@@ -940,11 +1033,15 @@ def load_cif(
             parser.parseLines(text.splitlines())
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"CIF {str(p)!r}: cannot be read as a crystal structure ({first})") from None
+        raise InputError(
+            f"CIF {str(p)!r}: cannot be read as a crystal structure ({first})"
+        ) from None
     sg = parser.spacegroup
     asym = parser.asymmetric_unit
     if sg is None or not asym:
-        raise InputError(f"CIF {str(p)!r}: expected a space group and atom sites (_atom_site_fract_x ...)")
+        raise InputError(
+            f"CIF {str(p)!r}: expected a space group and atom sites (_atom_site_fract_x ...)"
+        )
     lattice = Lattice(*parser.stru.lattice.abcABG())
     atoms, sites = [], []
     for k, a in enumerate(asym):
@@ -1018,14 +1115,20 @@ def _unknown_message(key: str, library: Mapping[str, Phase]) -> str:
                 f"phase {key!r}: {explanation}; supply a CIF with --phase {name}=path.cif "
                 f"(or load_library(extra={{{name!r}: 'path.cif'}}))"
             )
-    return f"phase {key!r} is not in the library; available: {', '.join(library)} (or NAME=path.cif)"
+    return (
+        f"phase {key!r} is not in the library; available: {', '.join(library)} (or NAME=path.cif)"
+    )
 
 
 @functools.cache
 def _shipped(entry: _Entry) -> Phase:
     return load_cif(
-        CIF_DIR / entry.file, entry.name, formula=entry.formula, kind=entry.kind,
-        provenance=entry.provenance, aliases=entry.aliases,
+        CIF_DIR / entry.file,
+        entry.name,
+        formula=entry.formula,
+        kind=entry.kind,
+        provenance=entry.provenance,
+        aliases=entry.aliases,
     )
 
 
@@ -1066,8 +1169,9 @@ def load_library(
     return lib
 
 
-def get_phase(name: str, *, extra: Mapping[str, str | Path] | None = None,
-              folder: str | Path | None = None) -> Phase:
+def get_phase(
+    name: str, *, extra: Mapping[str, str | Path] | None = None, folder: str | Path | None = None
+) -> Phase:
     """One phase by name or alias (case-insensitive), or ``"NAME=path.cif"``.
 
     Raises :class:`~xrdmap.errors.InputError` listing the available names when unknown.

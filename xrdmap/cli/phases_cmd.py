@@ -50,9 +50,13 @@ def list_phases(
 
 @phases_app.command("show")
 def show_phase(
-    name: str = typer.Argument(..., help="Phase name or alias (case-insensitive), or NAME=path.cif."),
+    name: str = typer.Argument(
+        ..., help="Phase name or alias (case-insensitive), or NAME=path.cif."
+    ),
     lines: int = typer.Option(12, "--lines", "-n", help="Number of strongest reflections to list."),
-    q_max: float = typer.Option(12.0, "--qmax", help="Largest Q (A^-1) of the reflections considered."),
+    q_max: float = typer.Option(
+        12.0, "--qmax", help="Largest Q (A^-1) of the reflections considered."
+    ),
     folder: Path | None = typer.Option(None, "--folder", help="Directory of extra *.cif phases."),
 ) -> None:
     """Cell, composition, Z, provenance and strongest reflections (d, Q) of one phase."""
@@ -64,9 +68,15 @@ def show_phase(
     comp = " ".join(f"{el}{n:g}" for el, n in sorted(phase.composition.items()))
     con.print(f"[bold]{phase.name}[/]  {phase.formula}  ({phase.kind})")
     con.print(f"space group   {phase.spacegroup}")
-    con.print(f"cell          a={a:.5f} b={b:.5f} c={c:.5f} A  alpha={al:.3f} beta={be:.3f} gamma={ga:.3f} deg")
-    con.print(f"volume        {phase.volume_A3:.3f} A^3   Z = {phase.z:g}   density {phase.density_g_cm3:.3f} g/cm^3")
-    con.print(f"composition   {comp} per formula unit ({phase.formula_mass:.2f} g/mol); {len(phase.structure)} atom sites in the cell")
+    con.print(
+        f"cell          a={a:.5f} b={b:.5f} c={c:.5f} A  alpha={al:.3f} beta={be:.3f} gamma={ga:.3f} deg"
+    )
+    con.print(
+        f"volume        {phase.volume_A3:.3f} A^3   Z = {phase.z:g}   density {phase.density_g_cm3:.3f} g/cm^3"
+    )
+    con.print(
+        f"composition   {comp} per formula unit ({phase.formula_mass:.2f} g/mol); {len(phase.structure)} atom sites in the cell"
+    )
     if phase.aliases:
         con.print(f"aliases       {', '.join(phase.aliases)}")
     con.print(f"provenance    {phase.provenance}")
@@ -77,19 +87,29 @@ def show_phase(
     for col in ("hkl", "d (A)", "Q (A^-1)", "mult", "|F|^2", "I %"):
         table.add_column(col, justify="right")
     for i in range(len(refl)):
-        h, k, l = (int(v) for v in refl.hkl[i])
+        hkl = " ".join(str(int(v)) for v in refl.hkl[i])
         table.add_row(
-            f"{h} {k} {l}", f"{refl.d_A[i]:.4f}", f"{refl.q_A[i]:.4f}", str(int(refl.multiplicity[i])),
-            f"{refl.f2[i]:.4g}", f"{100 * power[i] / power.max():.1f}",
+            hkl,
+            f"{refl.d_A[i]:.4f}",
+            f"{refl.q_A[i]:.4f}",
+            str(int(refl.multiplicity[i])),
+            f"{refl.f2[i]:.4g}",
+            f"{100 * power[i] / power.max():.1f}",
         )
     con.print(table)
 
 
 @phases_app.command("search")
 def search_phases(
-    formula: str = typer.Argument(..., help="Formula whose elements the structure must have exactly, e.g. Li3PO4."),
-    amcsd_id: int | None = typer.Option(None, "--id", help="AMCSD id of the entry to write with --output."),
-    output: Path | None = typer.Option(None, "--output", "-o", help="Write the chosen entry as a CIF file."),
+    formula: str = typer.Argument(
+        ..., help="Formula whose elements the structure must have exactly, e.g. Li3PO4."
+    ),
+    amcsd_id: int | None = typer.Option(
+        None, "--id", help="AMCSD id of the entry to write with --output."
+    ),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="Write the chosen entry as a CIF file."
+    ),
     limit: int = typer.Option(50, "--limit", help="Largest number of entries listed."),
 ) -> None:
     """Look up structures offline in the AMCSD copy shipped by the optional package larixite.
@@ -108,20 +128,35 @@ def search_phases(
         con.print(f"no AMCSD entry made of exactly the elements of {formula}")
         return
     table = Table(title=f"AMCSD entries with the elements of {formula} (offline copy in larixite)")
-    for col in ("id", "formula", "mineral", "space group", "a, b, c (A)", "alpha, beta, gamma", "reference"):
+    for col in (
+        "id",
+        "formula",
+        "mineral",
+        "space group",
+        "a, b, c (A)",
+        "alpha, beta, gamma",
+        "reference",
+    ):
         table.add_column(col)
     for res in results[:limit]:
         a, b, c, al, be, ga = res["cell"]
         table.add_row(
-            str(res["amcsd_id"]), res["formula"], res["mineral"], res["spacegroup"],
-            f"{a:.4f} {b:.4f} {c:.4f}", f"{al:.2f} {be:.2f} {ga:.2f}", res["reference"],
+            str(res["amcsd_id"]),
+            res["formula"],
+            res["mineral"],
+            res["spacegroup"],
+            f"{a:.4f} {b:.4f} {c:.4f}",
+            f"{al:.2f} {be:.2f} {ga:.2f}",
+            res["reference"],
         )
     con.print(table)
     if output is None:
         return
     if amcsd_id is None:
         if len(results) != 1:
-            raise InputError(f"--output {output}: {len(results)} entries match {formula}; choose one with --id")
+            raise InputError(
+                f"--output {output}: {len(results)} entries match {formula}; choose one with --id"
+            )
         chosen = results[0]
     else:
         found = [r for r in results if r["amcsd_id"] == amcsd_id]
