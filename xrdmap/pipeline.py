@@ -116,6 +116,7 @@ def demo_config(scan: Path, outdir: Path, *, workers: int = 2) -> RunConfig:
     to ``<scan>.dark.npy``) and the Kapton-only frame stored in the file as background.
     """
     import h5py
+    import hdf5plugin  # noqa: F401  (the simulated dark is compressed with a plugin filter)
 
     from xrdmap.config import validate_config
 
