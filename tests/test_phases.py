@@ -414,3 +414,39 @@ def test_stretch_arrays_and_pickling(lib):
     assert copy._cache == {}  # caches are not shipped to workers
     np.testing.assert_allclose(copy.simulate_iq(q), iqs[1], rtol=1e-12)
     np.testing.assert_allclose(copy.simulate_gr(r), grs[1], rtol=1e-9, atol=1e-12)
+
+
+def test_delta2_sharpens_near_neighbours(lib):
+    # PDFfit-style correlated motion: sigma^2 -> sigma^2 (1 - delta2 / r^2) for each pair
+    ni = lib["Ni"]
+    r = np.linspace(2.0, 3.0, 2001)
+    r1 = 3.52387 / np.sqrt(2)
+    widths = []
+    for delta2 in (0.0, 2.0):
+        g = ni.simulate_gr(r, qmax=90.0, qdamp=0.0, delta2=delta2)
+        g = g + 4 * np.pi * 4 / 3.52387**3 * r  # R(r)/r: the peak alone
+        half = g > g.max() / 2
+        widths.append(r[half][-1] - r[half][0])
+    assert widths[1] / widths[0] == pytest.approx(np.sqrt(1 - 2.0 / r1**2), rel=0.03)
+
+
+def test_search_without_larixite_says_how_to_install(monkeypatch):
+    import sys
+
+    from xrdmap.phases import search_amcsd
+
+    monkeypatch.setitem(sys.modules, "larixite", None)
+    monkeypatch.setitem(sys.modules, "larixite.amcsd", None)
+    with pytest.raises(InputError, match=r"xrdmap\[search\]"):
+        search_amcsd("Li3PO4")
+
+
+def test_search_finds_lithiophosphate():
+    pytest.importorskip("larixite")
+    from xrdmap.phases import search_amcsd
+
+    found = {r["amcsd_id"]: r for r in search_amcsd("Li3PO4")}
+    # the two AMCSD entries the shipped Li3PO4 CIFs were transcribed from
+    assert {12673, 13843} <= set(found)
+    assert found[13843]["cell"][:3] == pytest.approx((6.1113, 10.4612, 4.9208))
+    assert found[13843]["spacegroup"].replace(" ", "") == "Pmnb"

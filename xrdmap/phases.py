@@ -667,8 +667,11 @@ class Phase:
         if delta2:
             s2 = s2 * np.clip(1.0 - delta2 / d**2, 0.05, None)
         # width classes: Gaussian broadening is a product in Fourier space per class
-        s2_round = np.round(s2, 5)
-        classes, cls = np.unique(s2_round, return_inverse=True)
+        classes, cls = np.unique(np.round(s2, 6), return_inverse=True)
+        if len(classes) > 64:  # r-dependent widths (delta2): bins of 1 % in sigma^2
+            log_bin = np.round(np.log(s2) / 0.01)
+            bins, cls = np.unique(log_bin, return_inverse=True)
+            classes = np.exp(bins * 0.01)
         n = int(np.ceil(r_end / dr)) + 1
         pad = n + int(np.ceil(8.0 * np.sqrt(classes.max()) / dr)) + 8
         x = d / dr
@@ -1219,7 +1222,9 @@ def search_amcsd(formula: str, *, max_results: int = 50) -> list[dict]:
     """
     elements = sorted(parse_composition(formula))
     try:
-        from larixite.amcsd import AMCSD
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from larixite.amcsd import AMCSD
     except ImportError:
         raise InputError(
             "phase search needs the optional package larixite (offline AMCSD database): "
