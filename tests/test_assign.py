@@ -160,6 +160,21 @@ def test_phase_fractions_use_stretch_found_by_assignment(lib):
     assert np.all(ds.residual.values > 0.05)
 
 
+def test_phase_fractions_search_stretch_and_width(lib):
+    q = np.linspace(0.5, 16.0, 1800)
+    names = ["LATP", "Li3PO4-gamma", "Li4P2O7"]
+    stretch = {"LATP": 0.988, "Li3PO4-gamma": 1.007, "Li4P2O7": 1.0}
+    refs = np.array([lib[n].simulate_iq(q, stretch=stretch[n], fwhm_q=0.045) for n in names])
+    w = np.random.default_rng(2).dirichlet(np.ones(3), size=30)
+    clean = w @ refs + 0.05 * refs.max()
+    noisy = clean + np.random.default_rng(3).normal(0, 0.002 * clean.max(), clean.shape)
+    da = xr.DataArray(noisy, dims=("point", "q"), coords={"q": q})
+    ds = phase_fractions(da, {n: lib[n] for n in names}, stretch_range=0.03)
+    np.testing.assert_allclose(ds.phase_stretch.values, [stretch[n] for n in names], atol=0.002)
+    np.testing.assert_allclose(ds.phase_width.values, 0.045, rtol=0.25)
+    np.testing.assert_allclose(ds.phase_fraction.values, w, atol=0.02)
+
+
 def test_errors_name_the_input(lib, q):
     da = xr.DataArray(np.ones((2, q.size)), dims=("component", "q"), coords={"q": q})
     with pytest.raises(ConfigError, match="dim"):

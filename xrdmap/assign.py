@@ -156,6 +156,7 @@ def assign_components(
     min_mixture_fraction: float = 0.05,
     baseline_terms: int = 3,
     n_runners_up: int = 3,
+    n_refine: int = 4,
 ) -> xr.Dataset:
     """Assign each NMF component to a reference phase, a mixture of phases, or nothing.
 
@@ -188,6 +189,9 @@ def assign_components(
         Legendre polynomial terms of the smooth baseline projected out before scoring.
     n_runners_up : int
         Number of next-best single phases listed in ``component_runners_up``.
+    n_refine : int
+        Number of best phases per component whose stretch and width are refined with
+        exact simulations (the others keep the coarse-grid values).
 
     Returns
     -------
@@ -256,7 +260,7 @@ def assign_components(
 
     for ic in range(n_c):
         # Refine the most promising phases only; the others keep their coarse score.
-        top = np.argsort(-coarse[ic].reshape(n_p, -1).max(axis=1))[: max(4, n_runners_up + 1)]
+        top = np.argsort(-coarse[ic].reshape(n_p, -1).max(axis=1))[: max(n_refine, n_runners_up + 1)]
         for ip in range(n_p):
             iw, i_s = np.unravel_index(np.argmax(coarse[ic, ip]), (n_w, n_s))
             best_score[ic, ip] = coarse[ic, ip, iw, i_s]
@@ -399,6 +403,59 @@ def _bernstein_basis(x: np.ndarray, n_terms: int) -> np.ndarray:
     return comb(n, k)[None, :] * t[:, None] ** k[None, :] * (1 - t[:, None]) ** (n - k)[None, :]
 
 
+def _background_design(x: np.ndarray, dim: str, n_terms: int) -> np.ndarray:
+    """Background rows for NNLS: non-negative Bernstein terms (Q), signed Legendre (r)."""
+    if dim == "q":
+        return _bernstein_basis(x, n_terms).T
+    leg = _baseline_basis(x, n_terms).T
+    return np.concatenate([leg, -leg])
+
+
+def _nnls_rss(target: np.ndarray, design: np.ndarray) -> float:
+    norms = np.linalg.norm(design, axis=0)
+    norms = np.where(norms > 0, norms, 1.0)
+    _, rnorm = nnls(design / norms, target, maxiter=50 * design.shape[1])
+    return float(rnorm**2)
+
+
+def _refine_on_mixture(target, x, dim, lib, names, stretch, width, bg, stretch_range, refine_width,
+                       sweeps=2):
+    """Refine each phase's stretch and width on the whole NNLS model of ``target``.
+
+    A single reference correlated alone with a mixture is pulled by overlapping peaks of
+    the other phases; fitting all of them together (one phase at a time, the others
+    fixed) removes that bias.
+    """
+    stretch, width = dict(stretch), dict(width)
+    refs = {n: _simulate(lib[n], x, dim, stretch[n], width[n]) for n in names}
+
+    def rss(n, s, w):
+        others = [refs[m] for m in names if m != n]
+        ref = _simulate(lib[n], x, dim, s, w)
+        return _nnls_rss(target, np.concatenate([np.array([ref, *others]), bg]).T)
+
+    for _ in range(sweeps):
+        for n in names:
+            s0, w0 = stretch[n], width[n]
+            best = rss(n, s0, w0)
+            lo = max(s0 - 0.006, 1 - stretch_range)
+            hi = min(s0 + 0.006, 1 + stretch_range)
+            res = minimize_scalar(lambda s, n=n, w0=w0: rss(n, s, w0), bounds=(lo, hi), method="bounded",
+                                  options={"xatol": 1e-5})
+            if res.fun < best:
+                stretch[n], best = float(res.x), float(res.fun)
+            if not refine_width:
+                refs[n] = _simulate(lib[n], x, dim, stretch[n], width[n])
+                continue
+            res = minimize_scalar(lambda lw, n=n: rss(n, stretch[n], float(np.exp(lw))),
+                                  bounds=(np.log(w0) - 0.5, np.log(w0) + 0.5), method="bounded",
+                                  options={"xatol": 1e-3})
+            if res.fun < best:
+                width[n] = float(np.exp(res.x))
+            refs[n] = _simulate(lib[n], x, dim, stretch[n], width[n])
+    return stretch, width
+
+
 def phase_fractions(
     iq,
     phases=None,
@@ -407,6 +464,7 @@ def phase_fractions(
     x_range: tuple[float, float] | None = None,
     stretch=None,
     width=None,
+    stretch_range: float = 0.0,
     background_terms: int = 6,
     weight: str = "mass",
 ) -> xr.Dataset:
@@ -430,7 +488,12 @@ def phase_fractions(
     stretch, width : float, mapping name -> float, assignment Dataset, or None
         Lattice stretch and peak width (FWHM A^-1 for Q, U_iso A^2 for r) per phase; an
         :func:`assign_components` result supplies the values found for each phase.
-        Defaults: 1 and the library defaults.
+        Defaults: 1 and the library defaults, or found from the data (below).
+    stretch_range : float
+        When > 0 and ``stretch`` is None, the stretch (and, if ``width`` is None, the peak
+        width) of every phase is searched within ``1 +- stretch_range`` by
+        :func:`assign_components` on the scan-mean pattern (one value per phase for the
+        whole scan).
     background_terms : int
         Number of smooth background basis functions (0 for none).
     weight : {"mass", "mole"}
@@ -443,7 +506,8 @@ def phase_fractions(
         coefficients (mass, arbitrary units); ``residual`` (point): fraction of the
         integrated signal (Q) or of its sum of squares (r) that the crystalline phases do
         not explain (background, amorphous, unknown phases, misfit), 0..1;
-        ``background`` (point): integrated background share (Q only, else NaN).
+        ``background_fraction`` (point): integrated share of the smooth background (Q only,
+        else NaN); ``phase_stretch``, ``phase_width`` (phase): the values used.
     """
     _check_dim(dim)
     if weight not in ("mass", "mole"):
@@ -472,6 +536,21 @@ def phase_fractions(
     finite = np.all(np.isfinite(data), axis=1)
     data = np.where(np.isfinite(data), data, 0.0)
 
+    if stretch is None and stretch_range > 0:
+        mean = xr.DataArray(data[finite].mean(axis=0)[None, :], dims=("component", dim), coords={dim: x})
+        found = assign_components(
+            mean, lib, dim=dim, x_range=(lo, hi), stretch_range=stretch_range,
+            max_phases_per_component=1, min_score=-1.0, n_refine=len(names),
+        )
+        stretch = {n: float(found["component_phase_stretch"].sel(phase=n)[0]) for n in names}
+        refine_width = width is None
+        found_width = {n: float(found["component_phase_width"].sel(phase=n)[0]) for n in names}
+        width = _per_phase(width, names, "width", None)
+        width = {n: found_width[n] if w is None else w for n, w in zip(names, width, strict=True)}
+        stretch, width = _refine_on_mixture(
+            mean.values[0], x, dim, lib, names, stretch, width, _background_design(x, dim, background_terms),
+            stretch_range, refine_width,
+        )
     stretches = _per_phase(stretch, names, "stretch", 1.0)
     widths = _per_phase(width, names, "width", None)
     refs = []
@@ -481,11 +560,7 @@ def phase_fractions(
         else:
             refs.append(lib[n].simulate_gr(x, stretch=s, u_iso=w))
     refs = np.asarray(refs, dtype=float)
-    if dim == "q":
-        bg = _bernstein_basis(x, background_terms).T
-    else:
-        leg = _baseline_basis(x, background_terms).T
-        bg = np.concatenate([leg, -leg])
+    bg = _background_design(x, dim, background_terms)
     design = np.concatenate([refs, bg]).T  # (n_x, n_var)
     norms = np.linalg.norm(design, axis=0)
     norms = np.where(norms > 0, norms, 1.0)
@@ -524,11 +599,12 @@ def phase_fractions(
             "phase_fraction": ((pdim, "phase"), frac),
             "phase_amount": ((pdim, "phase"), amount),
             "residual": (pdim, residual),
-            "background": (pdim, bg_share),
+            "background_fraction": (pdim, bg_share),
         },
         coords={**coords, "phase": names},
     )
     ds["phase_stretch"] = ("phase", np.array(stretches, dtype=float))
+    ds["phase_width"] = ("phase", np.array([np.nan if w is None else w for w in widths], dtype=float))
     ds.attrs.update(
         {
             "phase_fraction_weight": weight,
