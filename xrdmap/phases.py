@@ -230,7 +230,9 @@ def _norm(name: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Reflections:
-    """Reflections of a phase merged by d-spacing, strongest-first order not implied.
+    """Reflections of a phase, lines of equal d merged, sorted by decreasing d.
+
+    Iterating yields ``(hkl, d_A, q_A, multiplicity, f2)`` tuples.
 
     Attributes
     ----------
@@ -473,10 +475,10 @@ class Phase:
             return ((h[..., 0] + off) * span + (h[..., 1] + off)) * span + (h[..., 2] + off)
 
         # canonical member: most non-negative indices first, then the largest h, k, l
-        orbit = [hkl @ r for r in self._laue]
-        canon = np.max(
-            np.stack([(h >= 0).sum(axis=1) * span**3 + encode(h) for h in orbit]), axis=0
-        )
+        canon = np.full(len(hkl), -1, dtype=np.int64)
+        for rot in self._laue:
+            h = hkl @ rot
+            np.maximum(canon, (h >= 0).sum(axis=1) * span**3 + encode(h), out=canon)
         keys, mult = np.unique(canon, return_counts=True)
         keys = keys % span**3
         rep = np.stack(
