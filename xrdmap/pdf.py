@@ -143,33 +143,35 @@ def _sine_transform(fq: np.ndarray, r: np.ndarray, q: np.ndarray, qmin: float, q
     return out
 
 
+def _poly_basis(x: np.ndarray, degree: int) -> np.ndarray:
+    """``x * T_k(2x - 1)``, k = 0..degree-1: spans x, x^2, ..., x^degree, well conditioned."""
+    return x[:, None] * np.polynomial.chebyshev.chebvander(2.0 * x - 1.0, degree - 1)
+
+
 def _poly_correction(fq: np.ndarray, valid: np.ndarray, q: np.ndarray, qmaxinst: float, degree: float) -> np.ndarray:
     """Smooth correction of ``fq`` (P, nq): interpolated LSQ fits of degrees floor/ceil.
 
-    The basis is ``(Q/qmaxinst)^k``, k = 1..n (no constant term: F(0) = 0); each point is
-    fitted over its finite values with Q <= qmaxinst. All points are solved at once from
-    their normal equations.
+    The polynomials have no constant term (F(0) = 0); each point is fitted over its
+    finite values with Q <= qmaxinst. Points sharing a mask (usually all of them) are
+    solved together in one least-squares call.
     """
     lo = int(math.floor(degree))
     frac = degree - lo
     x = q / qmaxinst
     fit = valid & (q <= qmaxinst)[None, :]
-    y = np.where(fit, fq, 0.0)
+    masks, groups = np.unique(fit, axis=0, return_inverse=True)
+    groups = np.asarray(groups).ravel()
     out = np.zeros_like(fq)
     for deg, weight in ((lo, 1.0 - frac), (lo + 1, frac)):
         if deg < 1 or weight == 0.0:
             continue
-        basis = x[:, None] ** np.arange(1, deg + 1)  # (nq, deg)
-        if np.all(fit == fit[:1]):
-            m = fit[0]
-            coef, *_ = np.linalg.lstsq(basis[m], y[:, m].T, rcond=None)  # (deg, P)
-            out += weight * (basis @ coef).T
-        else:
-            wf = fit.astype(float)
-            ata = np.einsum("qi,pq,qj->pij", basis, wf, basis)
-            aty = np.einsum("qi,pq->pi", basis, y)
-            coef = np.linalg.solve(ata + 1e-12 * np.eye(deg), aty[..., None])[..., 0]
-            out += weight * coef @ basis.T
+        basis = _poly_basis(x, deg)  # (nq, deg)
+        for g, m in enumerate(masks):
+            rows = groups == g
+            if m.sum() <= deg:
+                raise InputError(f"only {int(m.sum())} valid points below qmaxinst; too few for the correction polynomial")
+            coef, *_ = np.linalg.lstsq(basis[m], fq[rows][:, m].T, rcond=None)  # (deg, p)
+            out[rows] += weight * (basis @ coef).T
     return out
 
 
