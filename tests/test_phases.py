@@ -450,3 +450,21 @@ def test_search_finds_lithiophosphate():
     assert {12673, 13843} <= set(found)
     assert found[13843]["cell"][:3] == pytest.approx((6.1113, 10.4612, 4.9208))
     assert found[13843]["spacegroup"].replace(" ", "") == "Pmnb"
+
+
+@pytest.mark.parametrize(("name", "r_lo", "r_hi"), [("Ni", 2.1, 2.9), ("CeO2", 1.9, 3.2)])
+def test_first_shell_coordination_number(lib, name, r_lo, r_hi):
+    # integral of R(r) = r (G + 4 pi rho0 r) over the first shells = X-ray-weighted
+    # neighbours per atom, sum over pairs of Z_i Z_j / <Z>^2 / N
+    phase = lib[name]
+    r = np.linspace(r_lo, r_hi, 801)
+    g = phase.simulate_gr(r, qmax=90.0, qdamp=0.0)
+    rho0 = phase.atoms_per_cell / phase.volume_A3
+    n = np.trapezoid(r * (g + 4 * np.pi * rho0 * r), r)
+    if name == "Ni":
+        expected = 12.0  # fcc
+    else:
+        # fluorite cell: 4 Ce x 8 O at a sqrt(3)/4 (both directions), 8 O x 6 O at a/2
+        zbar = (58 + 2 * 8) / 3
+        expected = (2 * 4 * 8 * 58 * 8 + 8 * 6 * 8 * 8) / zbar**2 / 12
+    assert n == pytest.approx(expected, rel=0.01)
