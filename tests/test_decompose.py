@@ -214,7 +214,7 @@ def test_decompose_dataset_contract():
     assert ds.sizes["q"] == da.sizes["q"]
     assert ds.attrs["nmf_q_n_components"] == 3
     np.testing.assert_allclose(ds.attrs["nmf_q_x_ranges"], [1.0, 15.0])
-    assert list(ds["nmf_q_reconstruction_error"].nmf_q_n_components.values) == [2, 3, 4, 5]
+    assert list(ds["nmf_q_reconstruction_error"].nmf_q_k.values) == [2, 3, 4, 5]
     assert "position" in ds.coords
 
 
@@ -234,3 +234,77 @@ def test_errors_name_the_input():
         NMFDecomposition(negative="raise").fit(da - 10)
     with pytest.raises(InputError, match="expected"):
         NMFDecomposition().fit(np.ones(5))
+
+
+# ---------------------------------------------------------------- command line
+
+
+@pytest.fixture()
+def gr_folder(tmp_path, app_gr):
+    folder = tmp_path / "grs"
+    folder.mkdir()
+    names = np.load(DATA / "synthetic_r_vs_gr.npz")["names"]
+    for name, row in zip(names, app_gr.values, strict=True):
+        np.savetxt(folder / f"{name}.gr", np.column_stack([app_gr.r.values, row]), header="r g")
+    return folder
+
+
+def test_cli_folder_of_gr_files_matches_app(gr_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from xrdmap.cli import app
+
+    out = tmp_path / "nmf.h5"
+    result = CliRunner().invoke(app, ["decompose", str(gr_folder), "-x", "5,10", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "3 components" in result.output
+    payload = json.loads((tmp_path / "nmf_r_weights.json").read_text())
+    assert payload["n_components"] == 3
+    # Natural sort order of the files, as the app: synthetic0, synthetic1, ..., synthetic10
+    assert payload["points"][:3] == ["synthetic0", "synthetic1", "synthetic2"]
+    assert payload["points"][10] == "synthetic10"
+    weights = np.array([payload["weights"][f"component_{c}"] for c in range(3)]).T
+    _, corr = match_components(weights, _app_weights("output_1"))
+    assert np.all(corr >= 0.99)
+    csv = np.loadtxt(tmp_path / "nmf_r_weights.csv", delimiter=",", skiprows=1, usecols=(1, 2, 3))
+    np.testing.assert_allclose(csv, weights, rtol=1e-6)
+
+    from xrdmap.results import open_result
+
+    ds = open_result(out)
+    assert ds["nmf_r_weights"].dims == ("point", "component")
+    assert list(ds["file"].values[:2]) == ["synthetic0", "synthetic1"]
+
+
+def test_cli_result_file_and_fixed_components(tmp_path, app_gr):
+    from typer.testing import CliRunner
+
+    from xrdmap.cli import app
+    from xrdmap.results import save_result
+
+    src = tmp_path / "scan.h5"
+    save_result(xr.Dataset({"gr": app_gr}), src)
+    out = tmp_path / "out.h5"
+    result = CliRunner().invoke(
+        app, ["decompose", str(src), "--components", "2", "-x", "5,10", "-x", "12,15", "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "out_r_weights.json").read_text())["n_components"] == 2
+
+
+def test_cli_reads_original_text_file_and_reports_bad_input(tmp_path):
+    from typer.testing import CliRunner
+
+    from xrdmap.cli import app
+    from xrdmap.cli.decompose_cmd import _read_patterns
+
+    # The verbatim app file (with its '# r g' header) reads onto the stored grid.
+    da, dim = _read_patterns([DATA / "synthetic0.gr"], None)
+    z = np.load(DATA / "synthetic_r_vs_gr.npz")
+    assert dim == "r"
+    np.testing.assert_array_equal(da.values[0], z["gr"][0])
+
+    result = CliRunner().invoke(app, ["decompose", str(tmp_path / "missing"), "-o", str(tmp_path / "o.h5")])
+    assert isinstance(result.exception, InputError)
+    result = CliRunner().invoke(app, ["decompose", str(DATA), "--components", "many", "-o", str(tmp_path / "o.h5")])
+    assert isinstance(result.exception, ConfigError)

@@ -559,9 +559,11 @@ def decompose(data, dim: str | None = None, **kwargs) -> xr.Dataset:
     xr.Dataset
         ``nmf_{dim}_weights`` (point, component) weight fractions,
         ``nmf_{dim}_abundances`` (point, component), ``nmf_{dim}_components``
-        (component, dim) on the whole input grid, ``nmf_{dim}_reconstruction_error``
-        (``nmf_{dim}_n_components`` tried), ``nmf_{dim}_stability`` (component); attrs
-        record the criterion and every parameter.
+        (component, dim) on the whole input grid, ``nmf_{dim}_reconstruction_error`` and
+        ``nmf_{dim}_relative_improvement`` (``nmf_{dim}_k``: component counts tried),
+        ``nmf_{dim}_stability`` (component); attrs ``nmf_{dim}_n_components`` (chosen),
+        ``nmf_{dim}_criterion``, ``nmf_{dim}_x_ranges`` (flat lo, hi, ...),
+        ``nmf_{dim}_shift``, ``nmf_{dim}_negative``, ``nmf_{dim}_parameters``.
     """
     if isinstance(data, xr.Dataset):
         name = {"q": "iq", "r": "gr"}.get(dim or "", None)
@@ -572,7 +574,7 @@ def decompose(data, dim: str | None = None, **kwargs) -> xr.Dataset:
         data = data[name]
     model = NMFDecomposition(**kwargs).fit(data, dim=dim)
     d = model.dim_
-    ncomp = f"nmf_{d}_n_components"
+    ncomp = f"nmf_{d}_k"
     ds = xr.Dataset(
         {
             f"nmf_{d}_weights": model.weights_,
