@@ -202,19 +202,22 @@ def test_integrate_scan_lazy_and_monitor(frames, extras):
 
 
 def test_graph_is_small_and_carries_only_the_spec(frames, extras):
-    big = np.concatenate([frames] * 4)
-    small_graph = integrate_scan(_scan(big[:4], k=1), PONI, mask=extras["mask"], npt=NPT, q_range=Q_RANGE)
-    large_graph = integrate_scan(_scan(big, k=1), PONI, mask=extras["mask"], npt=NPT, q_range=Q_RANGE)
+    import cloudpickle
 
-    def graph_bytes(ds, name):
-        import cloudpickle
-
+    def graph_bytes(n_chunks):
+        scan = _scan(np.concatenate([frames] * 4)[:n_chunks], k=1)
+        ds = integrate_scan(scan, PONI, mask=extras["mask"], npt=NPT, q_range=Q_RANGE)
         layers = ds.__dask_graph__().layers
-        return sum(len(cloudpickle.dumps(dict(v))) for k, v in layers.items() if name in k)
+        sizes = {name: len(cloudpickle.dumps(dict(layer))) for name, layer in layers.items()
+                 if name != scan.data.name}  # everything but the frames themselves
+        spec_layers = [name for name in layers if name.startswith("IntegrationSpec")]
+        assert len(spec_layers) == 1 and len(layers[spec_layers[0]]) == 1  # one copy of the spec
+        return sum(sizes.values()), sizes[spec_layers[0]]
 
-    per_task = (graph_bytes(large_graph, "integrate") - graph_bytes(small_graph, "integrate")) / 20
-    assert per_task < 2000  # bytes per extra chunk: no arrays, no integrator
-    assert graph_bytes(large_graph, "integrate") < 50_000  # the mask travels bit-packed
+    total_4, spec_4 = graph_bytes(4)
+    total_24, spec_24 = graph_bytes(24)
+    assert spec_4 == spec_24 < 10_000  # PONI + bit-packed, compressed mask
+    assert (total_24 - total_4) / 20 < 2_000  # bytes per extra chunk of frames: no arrays, no integrator
     with pytest.raises(TypeError, match="must not be pickled"):
         pickle.dumps(get_engine(make_spec(PONI, SHAPE, npt=NPT, q_range=Q_RANGE)))
 
