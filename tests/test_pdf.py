@@ -35,7 +35,7 @@ def rw(g, ref):
     return float(np.sqrt(np.sum((g - ref) ** 2) / np.sum(ref**2)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _case(name):
     folder = DATA / name
     cfg = read_pdfgetx3_cfg(folder / "pdfgetx3.cfg")
