@@ -180,6 +180,13 @@ def test_stored_boundaries_take_precedence(result):
     assert maps.zone_boundaries(ds) == [2.0]
 
 
+def test_uniform_residual_is_not_amorphous(result):
+    # every point keeps 40 % unexplained signal (smooth background): nothing is amorphous
+    ds = result.assign(residual=("point", np.full(N_POINTS, 0.4)),
+                       coherence_length=("point", np.full(N_POINTS, 30.0)))
+    assert not maps.amorphous_points(ds).values.any()
+
+
 def test_amorphous_points(result):
     flags = maps.amorphous_points(result)
     assert np.flatnonzero(flags.values).tolist() == list(AMORPHOUS)
@@ -259,12 +266,45 @@ def test_weights_and_components_coloured_by_phase(result):
     assert len([t for t in r_legend if t.startswith("C")]) == 2  # NaN-padded component skipped
 
 
+class _StubPhase:
+    """Stands in for xrdmap.phases.Phase: Gaussian peaks stretched in Q (d scales by stretch)."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def simulate_iq(self, q, *, stretch=1.0, fwhm_q=None):
+        return reference_iq(q * stretch)[PHASES.index(self.name)]
+
+
+def test_components_reference_simulated_from_library(result):
+    q = result["q"].values
+    refs = reference_iq(q)
+    comps = np.vstack([3 * reference_iq(q * 1.01)[0] + 0.02, 2 * (0.7 * refs[1] + 0.3 * refs[2]), refs[2]])
+    mix = np.zeros((3, 3))
+    mix[1] = [0.0, 0.7, 0.3]
+    ds = result.drop_vars(["reference_iq", "nmf_q_components", "q_component_phase"]).assign(
+        nmf_q_components=(("component", "q"), comps),
+        q_component_phase=("component", ["Li3V2(PO4)3", "Li3PO4 + epsilon-LiVOPO4", "unassigned"]),
+        q_component_stretch=("component", [1.01, 1.0, np.nan]),
+        q_component_phase_fraction=(("component", "phase"), mix),
+    )
+    library = {p: _StubPhase(p) for p in PHASES}
+    fig = maps.plot_components(ds, "q", phases=library)
+    lines = fig.axes[0].get_lines()
+    black = [i for i, ln in enumerate(lines) if to_hex(ln.get_color()) == "#000000"]
+    assert len(black) == 2  # the unassigned component has no reference
+    for i in black:  # each reference is drawn just before its component and matches it
+        np.testing.assert_allclose(lines[i].get_ydata(), lines[i + 1].get_ydata(), atol=1e-6)
+    assert len(fig.axes[0].get_lines()) == 5
+    assert len(maps.plot_components(ds, "q", phases=None).axes[0].get_lines()) == 3
+
+
 def test_phase_fractions_stack_and_residual_band(result):
     fig = maps.plot_phase_fractions(result)
     ax = fig.axes[0]
     assert ax.get_ylabel() == "weight fraction" and ax.get_xlabel() == "position (mm)"
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert labels[-1] == "residual / amorphous"
+    assert labels[-1] == "unexplained (amorphous?)"
     assert ax.collections[-1].get_hatch() == "///"
     # top of the stack is 1 everywhere: the residual band closes the column
     top = ax.collections[-1].get_paths()[0].vertices

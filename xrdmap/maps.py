@@ -45,6 +45,7 @@ __all__ = [
     "zone_boundaries",
     "zone_table",
     "amorphous_points",
+    "residual_baseline",
     "make_figures",
     "save_figures",
 ]
@@ -445,32 +446,101 @@ def plot_weights(ds: xr.Dataset, dim: str = "q", *, normalize: bool = True,
     return fig
 
 
-def _scaled_reference(comp: np.ndarray, ref: np.ndarray, inside: np.ndarray) -> np.ndarray | None:
-    """``a * ref + b`` fitted to ``comp`` by least squares (a >= 0): the overlay of a reference."""
+def _scaled_reference(x: np.ndarray, comp: np.ndarray, ref: np.ndarray, inside: np.ndarray,
+                      degree: int = 3) -> np.ndarray | None:
+    """``a * ref + baseline`` fitted to ``comp`` by least squares (a > 0), the baseline a
+    Legendre polynomial of ``degree`` over the fitted range: the overlay of a reference."""
     ok = np.isfinite(comp) & np.isfinite(ref) & inside
-    if ok.sum() < 3 or np.ptp(ref[ok]) == 0:
+    if ok.sum() < degree + 3 or np.ptp(ref[ok]) == 0:
         return None
-    design = np.column_stack([ref[ok], np.ones(ok.sum())])
-    (a, b), *_ = np.linalg.lstsq(design, comp[ok], rcond=None)
-    if a <= 0:
+    lo, hi = x[ok].min(), x[ok].max()
+    basis = np.polynomial.legendre.legvander((x - lo) / ((hi - lo) or 1.0) * 2 - 1, degree)
+    design = np.column_stack([ref, basis])
+    coef, *_ = np.linalg.lstsq(design[ok], comp[ok], rcond=None)
+    if coef[0] <= 0:
         return None
-    return a * ref + b
+    out = design @ coef
+    out[~inside] = np.nan
+    return out
 
 
-def plot_components(ds: xr.Dataset, dim: str = "q", *, spacing: float = 1.15) -> Figure:
-    """NMF components stacked with offsets, each over its assigned reference pattern.
+def _references(ds: xr.Dataset, dim: str, x: np.ndarray, phases) -> list[np.ndarray | None]:
+    """Reference pattern of each component's assigned phase on the grid ``x``.
 
-    Each component is scaled to unit height; the reference pattern of its phase
-    (``reference_iq`` (phase, q) or ``reference_gr`` (phase, r), when present) is drawn
-    behind it in black after a least-squares fit ``a * reference + b``. The legend names the
-    phase and the assignment score.
+    From ``reference_iq``/``reference_gr`` (phase, q|r) when the result holds them, else
+    simulated from ``phases`` (name -> :class:`xrdmap.phases.Phase`; ``"auto"`` loads the
+    shipped library) with the stretch and width the assignment found; mixtures ``"A + B"``
+    are summed with ``{dim}_component_phase_fraction``.
+    """
+    names = _component_phase(ds, dim) or []
+    n = ds.sizes.get("component", 0)
+    out: list[np.ndarray | None] = [None] * n
+    assigned = [i for i, p in enumerate(names) if p and p.lower() != "unassigned"]
+    if not assigned:
+        return out
+    stored = ds.get("reference_iq" if dim == "q" else "reference_gr")
+    if stored is not None and "phase" in stored.dims:
+        labels = [str(p) for p in stored.coords["phase"].values]
+        for i in assigned:
+            if names[i] in labels:
+                out[i] = np.asarray(stored.sel(phase=names[i]).transpose(dim).values, dtype=float)
+        return out
+    if phases is None:
+        return out
+    if isinstance(phases, str):
+        from xrdmap.errors import XrdmapError
+        from xrdmap.phases import load_library
+
+        try:
+            phases = load_library()
+        except XrdmapError:
+            return out
+    library = {str(k).lower(): v for k, v in dict(phases).items()}
+
+    def values(name: str) -> np.ndarray | None:
+        var = ds.get(f"{dim}_{name}")
+        return None if var is None else np.asarray(var.values, dtype=float)
+
+    stretch, width = values("component_stretch"), values("component_width")
+    mix = ds.get(f"{dim}_component_phase_fraction")
+    for i in assigned:
+        parts = [p.strip() for p in names[i].split(" + ")]
+        weights = [1.0] * len(parts)
+        if len(parts) > 1 and mix is not None and "phase" in mix.dims:
+            labels = [str(p) for p in mix.coords["phase"].values]
+            row = mix.transpose("component", "phase").values[i]
+            weights = [float(row[labels.index(p)]) if p in labels else 0.0 for p in parts]
+        if any(p.lower() not in library for p in parts):
+            continue
+        s_i = stretch[i] if stretch is not None and np.isfinite(stretch[i]) else 1.0
+        w_i = width[i] if width is not None and np.isfinite(width[i]) else None
+        total = np.zeros_like(x, dtype=float)
+        for part, wt in zip(parts, weights, strict=True):
+            phase = library[part.lower()]
+            if dim == "q":
+                total += wt * np.asarray(phase.simulate_iq(x, stretch=s_i, fwhm_q=w_i), dtype=float)
+            else:
+                total += wt * np.asarray(phase.simulate_gr(x, stretch=s_i, u_iso=w_i), dtype=float)
+        out[i] = total
+    return out
+
+
+def plot_components(ds: xr.Dataset, dim: str = "q", *, phases: Mapping[str, Any] | str | None = "auto",
+                    spacing: float = 1.15) -> Figure:
+    """NMF components stacked with offsets, each with its assigned reference pattern.
+
+    Each component is scaled to unit height inside the NMF range. The reference pattern of
+    its phase (``reference_iq`` (phase, q) / ``reference_gr`` (phase, r) when the result
+    holds them, else simulated from ``phases`` -- name -> Phase, ``"auto"`` for the shipped
+    library, None for none -- with the fitted stretch and width) is drawn dashed in black
+    after a least-squares fit ``a * reference + smooth baseline`` (cubic Legendre), as
+    the assignment compares them. The legend names the phase and the assignment score.
     """
     if dim not in ("q", "r"):
         raise ConfigError(f"dim {dim!r}: expected 'q' or 'r'")
     comps = _require(ds, f"nmf_{dim}_components", ("component", dim))
     x = np.asarray(comps.coords[dim].values, dtype=float) if dim in comps.coords else np.arange(comps.sizes[dim])
-    refs = ds.get("reference_iq" if dim == "q" else "reference_gr")
-    phases = _component_phase(ds, dim)
+    references = _references(ds, dim, x, phases)
     window = _window(ds, dim, "auto")
     inside = np.ones(x.size, dtype=bool) if window is None else (x >= window[0]) & (x <= window[1])
     fig = _new_figure(7.0, 1.2 + 1.3 * comps.sizes["component"])
@@ -486,9 +556,9 @@ def plot_components(ds: xr.Dataset, dim: str = "q", *, spacing: float = 1.15) ->
         height = (hi - lo) or 1.0
         offset = spacing * drawn
         drawn += 1
-        if refs is not None and phases and phases[i] in [str(p) for p in refs.coords["phase"].values]:
-            ref = np.asarray(refs.sel(phase=phases[i]).transpose(dim).values, dtype=float)
-            fitted = _scaled_reference(c, ref, inside)
+        ref = references[i]
+        if ref is not None:
+            fitted = _scaled_reference(x, c, ref, inside)
             if fitted is not None:
                 ax.plot(x, (fitted - lo) / height + offset, color="black", lw=0.8, ls=(0, (3, 2)),
                         zorder=3, label=None if ref_drawn else "reference (scaled)")
@@ -553,7 +623,7 @@ def _draw_fractions(ax, ds: xr.Dataset, boundaries: list[float], *, vertical: bo
         bottom = top
     if residual is not None:
         fill(s, bottom, bottom + np.nan_to_num(residual[order]), facecolor="white", step="mid",
-             edgecolor=_RESIDUAL_COLOR, hatch="///", lw=0, label="residual / amorphous")
+             edgecolor=_RESIDUAL_COLOR, hatch="///", lw=0, label="unexplained (amorphous?)")
     line = ax.axhline if vertical else ax.axvline
     for b in boundaries:
         line(b, color="black", lw=1.0, ls="--")
@@ -624,7 +694,12 @@ def plot_quality(ds: xr.Dataset, *, coherence_threshold_A: float = 10.0,
         ax.plot(scan[order], np.asarray(ds[name].values, dtype=float)[order], color=color,
                 marker="o", ms=2.5, lw=1.5)
         if threshold is not None:
-            ax.axhline(threshold, color="0.3", lw=0.9, ls=":", label=f"threshold {threshold:g}")
+            level = threshold
+            text = f"flag below {threshold:g} Å"
+            if name == "residual":
+                level = residual_baseline(ds) + threshold
+                text = f"flag above baseline + {threshold:g}"
+            ax.axhline(level, color="0.3", lw=0.9, ls=":", label=text)
             ax.legend(loc="best", frameon=False, fontsize="small")
         for s in scan[order][flagged]:
             ax.axvspan(s - step / 2, s + step / 2, color="0.85", lw=0, zorder=0)
@@ -935,18 +1010,30 @@ def zone_table(ds: xr.Dataset, boundaries: Sequence[float] | None = None) -> xr.
     return out
 
 
+def residual_baseline(ds: xr.Dataset) -> float:
+    """The residual every point of the scan has (10th percentile of ``residual``)."""
+    res = np.asarray(ds["residual"].values, dtype=float)
+    return float(np.nanpercentile(res, 10)) if np.isfinite(res).any() else 0.0
+
+
 def amorphous_points(ds: xr.Dataset, *, coherence_threshold_A: float = 10.0,
                      residual_threshold: float = 0.2) -> xr.DataArray:
-    """Points flagged amorphous: coherence length below ``coherence_threshold_A`` (A) or
-    residual (unexplained fraction) above ``residual_threshold``.
+    """Points flagged amorphous: coherence length below ``coherence_threshold_A`` (A), or
+    residual (unexplained fraction) exceeding the scan's baseline residual (its 10th
+    percentile) by more than ``residual_threshold``.
 
-    Glassy regions have no G(r) correlations beyond ~7 A, hence the 10 A default.
+    Glassy regions have no G(r) correlations beyond ~7 A, hence the 10 A default. The
+    residual is compared with its own baseline because every point keeps some unexplained
+    signal (smooth background, imperfect references); a vitrified band raises it above
+    that level.
     """
     flag = np.zeros(ds.sizes["point"], dtype=bool)
     if "coherence_length" in ds:
         flag |= np.asarray(ds["coherence_length"].values, dtype=float) < coherence_threshold_A
     if "residual" in ds:
-        flag |= np.asarray(ds["residual"].values, dtype=float) > residual_threshold
+        res = np.asarray(ds["residual"].values, dtype=float)
+        if np.isfinite(res).any():
+            flag |= res > residual_baseline(ds) + residual_threshold
     return xr.DataArray(flag, dims=("point",), coords={k: v for k, v in ds.coords.items() if v.dims == ("point",)},
                         name="amorphous")
 

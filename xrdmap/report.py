@@ -55,7 +55,7 @@ _CAPTIONS = {
     "weights_r": "Relative weights of the real-space NMF components.",
     "components_q": "Reciprocal-space NMF components over their assigned reference patterns (dashed).",
     "components_r": "Real-space NMF components over their assigned reference G(r) (dashed).",
-    "phase_fractions": "Phase weight fractions; hatched: residual (amorphous or unexplained signal).",
+    "phase_fractions": "Phase weight fractions; hatched: unexplained signal (residual: amorphous or unknown).",
     "quality": "Coherence length and residual; shaded points are flagged amorphous.",
 }
 _SECTION_FIGURES = {
@@ -395,7 +395,7 @@ def _ranges(values: np.ndarray, step: float) -> list[str]:
 
 
 def _quality_section(ds: xr.Dataset, coherence_threshold_A: float, residual_threshold: float) -> str:
-    from xrdmap.maps import amorphous_points, scan_axis
+    from xrdmap.maps import amorphous_points, residual_baseline, scan_axis
 
     metrics = [n for n in ("coherence_length", "residual", "low_r_ripple") if n in ds and ds[n].dims == ("point",)]
     if not metrics:
@@ -410,7 +410,8 @@ def _quality_section(ds: xr.Dataset, coherence_threshold_A: float, residual_thre
     if "coherence_length" in ds:
         criteria.append(f"coherence length &lt; {coherence_threshold_A:g} Å")
     if "residual" in ds:
-        criteria.append(f"residual &gt; {residual_threshold:g}")
+        criteria.append(f"residual above the scan's baseline ({residual_baseline(ds):.3g}, its 10th "
+                        f"percentile) by more than {residual_threshold:g}")
     out = [f'<p>Points flagged amorphous ({" or ".join(criteria)}): '
            f'<strong class="{"flag" if flags.any() else ""}" id="n-flagged">{int(flags.sum())}</strong>'
            f" of {flags.size}"
@@ -510,8 +511,9 @@ def write_report(ds: xr.Dataset, path: str | Path, *, figures=None, title: str |
     title
         Page title.
     coherence_threshold_A, residual_threshold
-        Flag a point amorphous when its coherence length (A) is below, or its residual
-        fraction above, these.
+        Flag a point amorphous when its coherence length (A) is below the first, or its
+        residual fraction exceeds the scan's baseline residual by more than the second
+        (see :func:`xrdmap.maps.amorphous_points`).
 
     Returns
     -------
