@@ -23,7 +23,9 @@ def test_linear_background_interpolated_exactly_and_subtracted():
     bg = _da(3.0 + 0.5 * qb, q=qb)
     sample = _da(10.0 + np.sin(Q))
     out = subtract_background(sample, bg, scale=0.8)
-    np.testing.assert_allclose(out["iq"].values, 10.0 + np.sin(Q) - 0.8 * (3.0 + 0.5 * Q), rtol=1e-12)
+    np.testing.assert_allclose(
+        out["iq"].values, 10.0 + np.sin(Q) - 0.8 * (3.0 + 0.5 * Q), rtol=1e-12
+    )
     assert float(out["bgscale"]) == 0.8
 
 
@@ -31,7 +33,11 @@ def test_variance_propagation():
     bg = _da(np.full(Q.size, 5.0))
     sample = _da(np.full(Q.size, 20.0))
     out = subtract_background(
-        sample, bg, scale=2.0, iq_sigma=_da(np.full(Q.size, 3.0)), background_sigma=_da(np.full(Q.size, 2.0))
+        sample,
+        bg,
+        scale=2.0,
+        iq_sigma=_da(np.full(Q.size, 3.0)),
+        background_sigma=_da(np.full(Q.size, 2.0)),
     )
     np.testing.assert_allclose(out["iq_sigma"].values, np.sqrt(3.0**2 + (2.0 * 2.0) ** 2))
     np.testing.assert_allclose(out["iq"].values, 10.0)
@@ -42,8 +48,11 @@ def test_auto_scale_recovers_container_fraction_per_point():
     bg = _da(100.0 * np.exp(-(((Q - 1.5) / 0.4) ** 2)) + 10.0)
     signal = np.clip(np.sin(Q) * 50.0, 0.0, None)  # zero on half of the range
     true = np.array([0.7, 1.3])
-    sample = xr.DataArray(true[:, None] * bg.values + signal + rng.uniform(0, 1e-6, (2, Q.size)),
-                          dims=("point", "q"), coords={"q": Q})
+    sample = xr.DataArray(
+        true[:, None] * bg.values + signal + rng.uniform(0, 1e-6, (2, Q.size)),
+        dims=("point", "q"),
+        coords={"q": Q},
+    )
     s = auto_scale(sample, bg)
     np.testing.assert_allclose(s.values, true, rtol=1e-6)
     out = subtract_background(sample, bg, scale="auto")

@@ -39,7 +39,11 @@ def rw(g, ref):
 def _case(name):
     folder = DATA / name
     cfg = read_pdfgetx3_cfg(folder / "pdfgetx3.cfg")
-    fmt = dict(dataformat=cfg["dataformat"], wavelength_A=cfg["wavelength"], twothetazero_deg=cfg["twothetazero"])
+    fmt = dict(
+        dataformat=cfg["dataformat"],
+        wavelength_A=cfg["wavelength"],
+        twothetazero_deg=cfg["twothetazero"],
+    )
     iq = read_pattern(folder / CASES[name][0], **fmt)
     bg = read_pattern(folder / cfg["backgroundfile"], **fmt)
     ref = read_columns(folder / CASES[name][1])
@@ -113,7 +117,9 @@ def test_many_points_equal_single_patterns():
     scales = np.array([1.0, 0.3, 4.0])
     stack = np.stack([s * iq.values + rng.normal(0, 20, iq.size) for s in scales])
     stack[1, 500:520] = np.nan  # a different mask per point goes through the batched solve
-    many = xr.DataArray(stack, dims=("point", "q"), coords={"q": iq["q"].values, "point": [0, 1, 2]})
+    many = xr.DataArray(
+        stack, dims=("point", "q"), coords={"q": iq["q"].values, "point": [0, 1, 2]}
+    )
     kw = dict(composition="Ni", qmin=0.0, qmax=26.0, qmaxinst=26.5, rmax=12.0)
     out = transform(many, **kw)
     assert out["gr"].dims == ("point", "r") and out["sq"].dims == ("point", "q")
@@ -142,7 +148,9 @@ def _pair_intensity(d, amp, sigma=0.05, scale=1000.0):
 @given(d=st.floats(2.0, 8.0), amp=st.floats(0.5, 5.0))
 def test_single_pair_peaks_at_its_distance(d, amp):
     iq = xr.DataArray(_pair_intensity(d, amp), dims="q", coords={"q": Q})
-    ds = transform(iq, composition="Ni", qmin=0.3, qmax=25.0, qmaxinst=26.0, rmin=1.0, rmax=10.0, rstep=0.005)
+    ds = transform(
+        iq, composition="Ni", qmin=0.3, qmax=25.0, qmaxinst=26.0, rmin=1.0, rmax=10.0, rstep=0.005
+    )
     r = ds["r"].values
     assert abs(r[np.argmax(ds["gr"].values)] - d) <= 0.02
 
@@ -181,7 +189,9 @@ def test_sigma_propagation_matches_monte_carlo():
     noisy = base + rng.normal(0, 1, (n, Q.size)) * sigma
     da = xr.DataArray(noisy, dims=("point", "q"), coords={"q": Q})
     sig = xr.DataArray(np.broadcast_to(sigma, noisy.shape), dims=("point", "q"), coords={"q": Q})
-    ds = transform(da, composition="Ni", qmin=0.3, qmax=25.0, qmaxinst=26.0, rmin=1.0, rmax=8.0, iq_sigma=sig)
+    ds = transform(
+        da, composition="Ni", qmin=0.3, qmax=25.0, qmaxinst=26.0, rmin=1.0, rmax=8.0, iq_sigma=sig
+    )
     mc = ds["gr"].std("point").values
     predicted = ds["gr_sigma"].mean("point").values
     # the fitted polynomial removes a little of the noise, which linear propagation ignores
@@ -270,7 +280,16 @@ def test_cli_bad_input_writes_nothing(tmp_path):
     folder = DATA / "Ni"
     out = tmp_path / "out"
     out.mkdir()
-    args = ["pdf", str(folder / CASES["Ni"][0]), "-c", str(folder / "pdfgetx3.cfg"), "--qmax", "40", "--qmaxinst", "40"]
+    args = [
+        "pdf",
+        str(folder / CASES["Ni"][0]),
+        "-c",
+        str(folder / "pdfgetx3.cfg"),
+        "--qmax",
+        "40",
+        "--qmaxinst",
+        "40",
+    ]
     proc = subprocess.run(
         [sys.executable, "-c", "from xrdmap.cli import main; main()", *args, "-o", str(out)],
         capture_output=True,
@@ -288,8 +307,17 @@ def test_cli_reproduces_pdfgetx3(tmp_path):
 
     folder = DATA / "CeO2"
     result = CliRunner().invoke(
-        app, ["pdf", str(folder / CASES["CeO2"][0]), "-c", str(folder / "pdfgetx3.cfg"), "-o", str(tmp_path),
-              "-t", "gr,sq"]
+        app,
+        [
+            "pdf",
+            str(folder / CASES["CeO2"][0]),
+            "-c",
+            str(folder / "pdfgetx3.cfg"),
+            "-o",
+            str(tmp_path),
+            "-t",
+            "gr,sq",
+        ],
     )
     assert result.exit_code == 0, result.output
     gr = read_columns(tmp_path / "ceo2_300k_nor_1-6.gr")
@@ -299,3 +327,45 @@ def test_cli_reproduces_pdfgetx3(tmp_path):
     cfg = read_pdfgetx3_cfg(tmp_path / "ceo2_300k_nor_1-6.gr")
     assert cfg["composition"] == "Ce 1  O 2" and cfg["qmaxinst"] == 27.0 and cfg["qmax"] == 26.0
     assert (tmp_path / "ceo2_300k_nor_1-6.sq").is_file()
+
+
+def test_cli_result_file_all_points(tmp_path):
+    from typer.testing import CliRunner
+
+    from xrdmap.cli._app import app
+    from xrdmap.results import open_result, save_result
+
+    cfg, iq, bg, ref = _case("Ni")
+    sub = iq - bg.interp(q=iq["q"].values)
+    stack = np.stack([sub.values, 2.5 * sub.values])
+    ds = xr.Dataset(
+        {"iq": (("point", "q"), stack)},
+        coords={"q": iq["q"].values, "point": [0, 1], "position": ("point", [0.0, 0.1])},
+    )
+    src = tmp_path / "scan.h5"
+    save_result(ds, src)
+    out = tmp_path / "scan_pdf.h5"
+    args = [
+        "pdf",
+        str(src),
+        "--composition",
+        "Ni",
+        "--qmin",
+        "0",
+        "--qmax",
+        "26",
+        "--qmaxinst",
+        "26.5",
+        "--rmax",
+        "30",
+        "-o",
+        str(out),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    back = open_result(out)
+    assert back["gr"].dims == ("point", "r") and back["sq"].dims == ("point", "q")
+    sel = back["r"].values >= 1.0
+    for i in range(2):  # intensity scale does not matter; both reproduce PDFgetX3
+        assert rw(back["gr"].values[i, sel], ref[sel, 1]) <= 0.05
+    np.testing.assert_allclose(back["iq"].values, stack)

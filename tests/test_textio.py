@@ -45,7 +45,9 @@ def test_read_pattern_units(tmp_path):
     np.testing.assert_allclose(da["sigma"].values, [0.1, 0.2, 0.3])
     lam = 0.5
     da = read_pattern(path, dataformat="twotheta", wavelength_A=lam, twothetazero_deg=1.0)
-    np.testing.assert_allclose(da["q"].values, 4 * np.pi * np.sin(np.deg2rad([9.0, 19.0, 29.0]) / 2) / lam)
+    np.testing.assert_allclose(
+        da["q"].values, 4 * np.pi * np.sin(np.deg2rad([9.0, 19.0, 29.0]) / 2) / lam
+    )
     with pytest.raises(InputError, match="wavelength"):
         read_pattern(path, dataformat="twotheta")
     with pytest.raises(InputError, match="wavelength"):
@@ -64,10 +66,24 @@ def test_garbage_and_missing_files(tmp_path):
 def test_write_round_trip_and_header_parsed_as_pdfgetx3_config(tmp_path):
     r = np.arange(0, 5, 0.01)
     g = np.sin(r)
-    params = {"dataformat": "twotheta", "inputfile": "x.chi", "wavelength": 0.142774, "composition": "Ce 1 O 2",
-              "qmin": 0.5, "qmax": 24.0, "qmaxinst": 25.0, "rpoly": 0.9, "rmin": 0.0, "rmax": 4.99, "rstep": 0.01,
-              "bgscale": 1.0, "lorch": True}
-    path = write_columns(tmp_path / "x.gr", r, g, kind="gr", params=params, dy=0.1 * np.ones_like(r))
+    params = {
+        "dataformat": "twotheta",
+        "inputfile": "x.chi",
+        "wavelength": 0.142774,
+        "composition": "Ce 1 O 2",
+        "qmin": 0.5,
+        "qmax": 24.0,
+        "qmaxinst": 25.0,
+        "rpoly": 0.9,
+        "rmin": 0.0,
+        "rmax": 4.99,
+        "rstep": 0.01,
+        "bgscale": 1.0,
+        "lorch": True,
+    }
+    path = write_columns(
+        tmp_path / "x.gr", r, g, kind="gr", params=params, dy=0.1 * np.ones_like(r)
+    )
     back = read_columns(path)
     np.testing.assert_allclose(back[:, 0], r, atol=1e-12)
     np.testing.assert_allclose(back[:, 1], g, rtol=1e-8)
@@ -83,10 +99,16 @@ def test_write_round_trip_and_header_parsed_as_pdfgetx3_config(tmp_path):
 def test_reference_cfg_files():
     ni = read_pdfgetx3_cfg(DATA / "Ni" / "pdfgetx3.cfg")
     assert ni["dataformat"] == "twotheta" and ni["wavelength"] == 0.142774
-    assert ni["qmaxinst"] == 26.5 and ni["qmax"] == 26.0 and ni["qmin"] == 0.0  # qmin commented out: default
+    assert (
+        ni["qmaxinst"] == 26.5 and ni["qmax"] == 26.0 and ni["qmin"] == 0.0
+    )  # qmin commented out: default
     assert ni["backgroundfile"] == "kapton_bgrd_300k_nor_2-3.chi" and ni["outputtype"] == ["gr"]
     header = read_pdfgetx3_cfg(DATA / "CeO2" / "ceo2_300k_nor_1-6-pdfgetx3.gr")
-    assert header["composition"] == "Ce 1  O 2" and header["qmaxinst"] == 27.0 and header["bgscale"] == 1.0
+    assert (
+        header["composition"] == "Ce 1  O 2"
+        and header["qmaxinst"] == 27.0
+        and header["bgscale"] == 1.0
+    )
 
 
 @pytest.mark.parametrize(

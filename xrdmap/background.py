@@ -19,7 +19,9 @@ __all__ = ["subtract_background", "auto_scale"]
 
 def _interp_background(background: xr.DataArray, q: np.ndarray, q_dim: str) -> xr.DataArray:
     if not isinstance(background, xr.DataArray) or q_dim not in background.dims:
-        raise InputError(f"background: expected an xarray.DataArray with a {q_dim!r} dimension (Q in A^-1)")
+        raise InputError(
+            f"background: expected an xarray.DataArray with a {q_dim!r} dimension (Q in A^-1)"
+        )
     qb = np.asarray(background[q_dim].values, dtype=float)
     if qb.size < 2:
         raise InputError(f"background has {qb.size} Q values; expected a measured pattern")
@@ -46,7 +48,11 @@ def _interp_background(background: xr.DataArray, q: np.ndarray, q_dim: str) -> x
 
 
 def auto_scale(
-    iq: xr.DataArray, background: xr.DataArray, *, q_window: tuple[float, float] | None = None, q_dim: str = "q"
+    iq: xr.DataArray,
+    background: xr.DataArray,
+    *,
+    q_window: tuple[float, float] | None = None,
+    q_dim: str = "q",
 ) -> xr.DataArray:
     """Largest background scale that keeps ``iq - scale * background >= 0`` in ``q_window``.
 
@@ -59,11 +65,15 @@ def auto_scale(
     bg = _interp_background(background, q, q_dim)
     lo, hi = q_window if q_window is not None else (-np.inf, np.inf)
     if not lo < hi:
-        raise ConfigError(f"background scale window {q_window}: expected (qlo, qhi) with qlo < qhi (A^-1)")
+        raise ConfigError(
+            f"background scale window {q_window}: expected (qlo, qhi) with qlo < qhi (A^-1)"
+        )
     sel = (q >= lo) & (q <= hi)
     ratio = (iq / bg).where((bg > 0) & xr.DataArray(sel, dims=q_dim, coords={q_dim: q}))
     if not bool(ratio.notnull().any()):
-        raise InputError(f"background is not positive anywhere in the scale window Q = {lo}-{hi} A^-1")
+        raise InputError(
+            f"background is not positive anywhere in the scale window Q = {lo}-{hi} A^-1"
+        )
     return ratio.min(q_dim).clip(min=0.0).rename("bgscale")
 
 
@@ -118,7 +128,9 @@ def subtract_background(
             var = var + iq_sigma**2
         if background_sigma is not None:
             if not isinstance(background_sigma, xr.DataArray) or q_dim not in background_sigma.dims:
-                raise InputError(f"background_sigma: expected an xarray.DataArray with a {q_dim!r} dimension")
+                raise InputError(
+                    f"background_sigma: expected an xarray.DataArray with a {q_dim!r} dimension"
+                )
             bgs = background_sigma.sortby(q_dim).interp({q_dim: q}, kwargs={"fill_value": np.nan})
             var = var + (s * bgs) ** 2
         out["iq_sigma"] = np.sqrt(var).transpose(*iq.dims)

@@ -94,9 +94,13 @@ def _check_q_params(q: np.ndarray, qmin: float, qmax: float, qmaxinst: float | N
     if qmaxinst is None:
         qmaxinst = qmax
     if qmaxinst < qmax:
-        raise ConfigError(f"qmaxinst {qmaxinst} < qmax {qmax}: qmaxinst is the upper bound for qmax")
+        raise ConfigError(
+            f"qmaxinst {qmaxinst} < qmax {qmax}: qmaxinst is the upper bound for qmax"
+        )
     if qmaxinst > qhi + 1e-9:
-        raise InputError(f"qmaxinst {qmaxinst} A^-1 is beyond the data, which end at Q = {qhi:.4g} A^-1")
+        raise InputError(
+            f"qmaxinst {qmaxinst} A^-1 is beyond the data, which end at Q = {qhi:.4g} A^-1"
+        )
     return float(qmaxinst)
 
 
@@ -114,7 +118,9 @@ def _trapezoid_weights(q: np.ndarray) -> np.ndarray:
     return w
 
 
-def sine_matrix(r: np.ndarray, q: np.ndarray, *, qmin: float = 0.0, qmax: float | None = None) -> np.ndarray:
+def sine_matrix(
+    r: np.ndarray, q: np.ndarray, *, qmin: float = 0.0, qmax: float | None = None
+) -> np.ndarray:
     """``(r, q)`` matrix ``M`` so that ``G = M @ F`` is ``(2/pi) int_qmin^qmax F sin(Qr) dQ``.
 
     Trapezoid weights over the grid points inside ``[qmin, qmax]``; columns outside are 0.
@@ -127,7 +133,9 @@ def sine_matrix(r: np.ndarray, q: np.ndarray, *, qmin: float = 0.0, qmax: float 
     return (2.0 / math.pi) * np.sin(np.outer(np.asarray(r, dtype=float), q)) * w
 
 
-def _sine_transform(fq: np.ndarray, r: np.ndarray, q: np.ndarray, qmin: float, qmax: float, square: bool = False):
+def _sine_transform(
+    fq: np.ndarray, r: np.ndarray, q: np.ndarray, qmin: float, qmax: float, square: bool = False
+):
     """``fq`` (P, nq) -> (P, nr), one matrix product per block of r."""
     inside = (q >= qmin) & (q <= qmax)
     qi = q[inside]
@@ -148,7 +156,9 @@ def _poly_basis(x: np.ndarray, degree: int) -> np.ndarray:
     return x[:, None] * np.polynomial.chebyshev.chebvander(2.0 * x - 1.0, degree - 1)
 
 
-def _poly_correction(fq: np.ndarray, valid: np.ndarray, q: np.ndarray, qmaxinst: float, degree: float) -> np.ndarray:
+def _poly_correction(
+    fq: np.ndarray, valid: np.ndarray, q: np.ndarray, qmaxinst: float, degree: float
+) -> np.ndarray:
     """Smooth correction of ``fq`` (P, nq): interpolated LSQ fits of degrees floor/ceil.
 
     The polynomials have no constant term (F(0) = 0); each point is fitted over its
@@ -169,13 +179,17 @@ def _poly_correction(fq: np.ndarray, valid: np.ndarray, q: np.ndarray, qmaxinst:
         for g, m in enumerate(masks):
             rows = groups == g
             if m.sum() <= deg:
-                raise InputError(f"only {int(m.sum())} valid points below qmaxinst; too few for the correction polynomial")
+                raise InputError(
+                    f"only {int(m.sum())} valid points below qmaxinst; too few for the correction polynomial"
+                )
             coef, *_ = np.linalg.lstsq(basis[m], fq[rows][:, m].T, rcond=None)  # (deg, p)
             out[rows] += weight * (basis @ coef).T
     return out
 
 
-def _scale(iq: np.ndarray, valid: np.ndarray, q: np.ndarray, f2: np.ndarray, qmax: float) -> np.ndarray:
+def _scale(
+    iq: np.ndarray, valid: np.ndarray, q: np.ndarray, f2: np.ndarray, qmax: float
+) -> np.ndarray:
     """Per-point S(Q) scale ``c`` (Krogh-Moe integral times PDFGETX3_SCALE)."""
     inside = (q <= qmax)[None, :] & valid
     w = _trapezoid_weights(q) * q * q
@@ -263,7 +277,9 @@ def transform(
         the normalisation ``c`` of each pattern. Attributes record every parameter.
     """
     if not isinstance(iq, xr.DataArray):
-        raise InputError(f"iq: expected an xarray.DataArray with a {q_dim!r} dimension, got {type(iq).__name__}")
+        raise InputError(
+            f"iq: expected an xarray.DataArray with a {q_dim!r} dimension, got {type(iq).__name__}"
+        )
     if q_dim not in iq.dims:
         raise InputError(f"iq has dims {iq.dims}; expected a {q_dim!r} dimension (Q in A^-1)")
     comp = parse_composition(composition)
@@ -273,7 +289,12 @@ def transform(
         from xrdmap.background import subtract_background
 
         sub = subtract_background(
-            iq, background, scale=bgscale, iq_sigma=iq_sigma, background_sigma=background_sigma, q_dim=q_dim
+            iq,
+            background,
+            scale=bgscale,
+            iq_sigma=iq_sigma,
+            background_sigma=background_sigma,
+            q_dim=q_dim,
         )
         iq = sub["iq"]
         iq_sigma = sub.get("iq_sigma")
@@ -335,10 +356,14 @@ def transform(
         coords={**coords_q, **point_coords, "r": ("r", r)},
     )
     if iq_sigma is not None:
-        sig = np.asarray(iq_sigma.transpose(..., q_dim).broadcast_like(iq).values, dtype=float).reshape(-1, q.size)
+        sig = np.asarray(
+            iq_sigma.transpose(..., q_dim).broadcast_like(iq).values, dtype=float
+        ).reshape(-1, q.size)
         sig = np.where(np.isfinite(sig), sig, 0.0)
         fq_sig = np.abs(q / (c * fm2)) * sig
-        var_g = _sine_transform(np.where(valid, (fq_sig * window) ** 2, 0.0), r, q, qmin, qmax, square=True)
+        var_g = _sine_transform(
+            np.where(valid, (fq_sig * window) ** 2, 0.0), r, q, qmin, qmax, square=True
+        )
         with np.errstate(divide="ignore", invalid="ignore"):
             sq_sig = np.where(q > 0, fq_sig / q, np.nan)
         ds["fq_sigma"] = (qdims, np.where(valid, fq_sig, np.nan).reshape(*lead_shape, q.size))
@@ -375,10 +400,17 @@ def _gr_values(gr: xr.DataArray) -> tuple[np.ndarray, np.ndarray, tuple, tuple]:
     if not isinstance(gr, xr.DataArray) or "r" not in gr.dims:
         raise InputError("gr: expected an xarray.DataArray with an 'r' dimension (A)")
     gr = gr.transpose(..., "r")
-    return np.asarray(gr["r"].values, dtype=float), np.asarray(gr.values, dtype=float), gr.dims[:-1], gr.shape[:-1]
+    return (
+        np.asarray(gr["r"].values, dtype=float),
+        np.asarray(gr.values, dtype=float),
+        gr.dims[:-1],
+        gr.shape[:-1],
+    )
 
 
-def low_r_ripple(gr: xr.DataArray, r_max: float | None = None, *, r_min: float = 0.0) -> xr.DataArray:
+def low_r_ripple(
+    gr: xr.DataArray, r_max: float | None = None, *, r_min: float = 0.0
+) -> xr.DataArray:
     """RMS of G(r) (A^-2) over ``r_min < r < r_max``, below the first interatomic distance.
 
     No pair of atoms is closer than about 1.2 A (``r_max`` default), so any signal there
@@ -388,7 +420,9 @@ def low_r_ripple(gr: xr.DataArray, r_max: float | None = None, *, r_min: float =
     r_max = 1.2 if r_max is None else r_max
     sel = (r > r_min) & (r < r_max)
     if not np.any(sel):
-        raise InputError(f"gr has no r values in ({r_min}, {r_max}) A; expected r grid to start below {r_max} A")
+        raise InputError(
+            f"gr has no r values in ({r_min}, {r_max}) A; expected r grid to start below {r_max} A"
+        )
     rms = np.sqrt(np.nanmean(g[..., sel] ** 2, axis=-1))
     return xr.DataArray(
         rms.reshape(shape),
@@ -399,7 +433,9 @@ def low_r_ripple(gr: xr.DataArray, r_max: float | None = None, *, r_min: float =
     )
 
 
-def coherence_length(gr: xr.DataArray, threshold: float = 0.05, *, r_min: float = 1.0) -> xr.DataArray:
+def coherence_length(
+    gr: xr.DataArray, threshold: float = 0.05, *, r_min: float = 1.0
+) -> xr.DataArray:
     """Distance (A) beyond which the G(r) envelope stays below ``threshold`` of its maximum.
 
     The envelope at r is the largest ``|G|`` at any distance ``>= r`` (a running maximum
@@ -409,7 +445,9 @@ def coherence_length(gr: xr.DataArray, threshold: float = 0.05, *, r_min: float 
     ``rmax`` of the grid when correlations persist to the end.
     """
     if not 0 < threshold < 1:
-        raise ConfigError(f"coherence_length threshold {threshold}: expected a fraction between 0 and 1")
+        raise ConfigError(
+            f"coherence_length threshold {threshold}: expected a fraction between 0 and 1"
+        )
     r, g, dims, shape = _gr_values(gr)
     sel = r >= r_min
     if not np.any(sel):
@@ -433,7 +471,18 @@ def coherence_length(gr: xr.DataArray, threshold: float = 0.05, *, r_min: float 
 # PDFgetX3 configuration files
 # --------------------------------------------------------------------------------------
 
-_CFG_FLOATS = ("wavelength", "twothetazero", "bgscale", "rpoly", "qmaxinst", "qmin", "qmax", "rmin", "rmax", "rstep")
+_CFG_FLOATS = (
+    "wavelength",
+    "twothetazero",
+    "bgscale",
+    "rpoly",
+    "qmaxinst",
+    "qmin",
+    "qmax",
+    "rmin",
+    "rmax",
+    "rstep",
+)
 _CFG_STRINGS = ("dataformat", "composition", "backgroundfile", "outputtype", "outputtypes")
 _CFG_IGNORED = (
     "version",
@@ -520,7 +569,9 @@ def read_pdfgetx3_cfg(path, section: str = "DEFAULT") -> dict:
                 kinds = [] if kinds in (["none"], ["NONE"]) else kinds
                 unknown = [t for t in kinds if t not in ("iq", "sq", "fq", "gr")]
                 if unknown:
-                    raise ConfigError(f"{p.name}: outputtype {value!r}; expected some of iq, sq, fq, gr")
+                    raise ConfigError(
+                        f"{p.name}: outputtype {value!r}; expected some of iq, sq, fq, gr"
+                    )
                 out["outputtype"] = kinds
             else:
                 out[key] = value or None
@@ -529,11 +580,18 @@ def read_pdfgetx3_cfg(path, section: str = "DEFAULT") -> dict:
                 raise ConfigError(f"{p.name}: lorch = {value!r}; expected true or false")
             out["lorch"] = value.lower() in ("true", "yes", "on", "1")
         elif key not in _CFG_IGNORED:
-            warnings.warn(f"{p.name}: key {key!r} is not a PDFgetX3 parameter xrdmap uses; ignored", stacklevel=2)
+            warnings.warn(
+                f"{p.name}: key {key!r} is not a PDFgetX3 parameter xrdmap uses; ignored",
+                stacklevel=2,
+            )
     if out["dataformat"] not in DATAFORMATS:
-        raise ConfigError(f"{p.name}: dataformat = {out['dataformat']!r}; expected one of {', '.join(DATAFORMATS)}")
+        raise ConfigError(
+            f"{p.name}: dataformat = {out['dataformat']!r}; expected one of {', '.join(DATAFORMATS)}"
+        )
     if out["wavelength"] is not None and not out["wavelength"] > 0:
-        raise ConfigError(f"{p.name}: wavelength = {out['wavelength']}; expected a positive wavelength in A")
+        raise ConfigError(
+            f"{p.name}: wavelength = {out['wavelength']}; expected a positive wavelength in A"
+        )
     if out["dataformat"] == "twotheta" and out["wavelength"] is None:
         raise ConfigError(f"{p.name}: dataformat = twotheta needs a wavelength (A)")
     if out["composition"] is not None:

@@ -61,9 +61,15 @@ def read_columns(path: str | Path) -> np.ndarray:
     for i, line in enumerate(lines):
         if "start data" in line.lower():
             start = i + 1
-    rows = [row for line in lines[start:] if not line.lstrip().startswith("#") and (row := _numeric_row(line))]
+    rows = [
+        row
+        for line in lines[start:]
+        if not line.lstrip().startswith("#") and (row := _numeric_row(line))
+    ]
     if not rows:
-        raise InputError(f"data file {str(p)!r} has no rows of numbers; expected two or more columns (x, y[, dy])")
+        raise InputError(
+            f"data file {str(p)!r} has no rows of numbers; expected two or more columns (x, y[, dy])"
+        )
     widths = np.bincount([len(r) for r in rows])
     ncol = int(np.argmax(widths))
     data = np.array([r for r in rows if len(r) == ncol], dtype=float)
@@ -144,9 +150,13 @@ def write_columns(
     x = np.asarray(x, dtype=float).ravel()
     y = np.asarray(y, dtype=float).ravel()
     if x.shape != y.shape or (dy is not None and np.shape(dy) != x.shape):
-        raise OutputError(f"output {str(path)!r}: columns of different lengths {x.shape}, {y.shape}")
+        raise OutputError(
+            f"output {str(path)!r}: columns of different lengths {x.shape}, {y.shape}"
+        )
     if kind not in COLUMN_LABELS:
-        raise OutputError(f"output {str(path)!r}: kind {kind!r}; expected one of {', '.join(COLUMN_LABELS)}")
+        raise OutputError(
+            f"output {str(path)!r}: kind {kind!r}; expected one of {', '.join(COLUMN_LABELS)}"
+        )
     from xrdmap import __version__
 
     params = dict(params or {})
@@ -161,7 +171,9 @@ def write_columns(
     for key, value in params.items():
         if key not in io_keys and key not in ("outputtype", "version"):
             head.append(f"{key} = {_format_value(value)}")
-    lab = list(labels) if labels is not None else list(COLUMN_LABELS[kind][: 2 if dy is None else 3])
+    lab = (
+        list(labels) if labels is not None else list(COLUMN_LABELS[kind][: 2 if dy is None else 3])
+    )
     head += [
         "",
         "# End of config " + "-" * 62,

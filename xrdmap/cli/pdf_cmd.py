@@ -19,7 +19,9 @@ def _output_types(text: str | None, cfg: dict[str, Any]) -> list[str]:
     kinds = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [k for k in kinds if k not in _KINDS]
     if unknown or not kinds:
-        raise ConfigError(f"--output-type {text!r}: expected a comma-separated subset of iq,sq,fq,gr")
+        raise ConfigError(
+            f"--output-type {text!r}: expected a comma-separated subset of iq,sq,fq,gr"
+        )
     return kinds
 
 
@@ -33,7 +35,11 @@ def _resolve(path: str | None, base: Path | None) -> Path | None:
 
 
 def _run_text(
-    inputs: list[Path], params: dict[str, Any], background: Path | None, kinds: list[str], output: Path | None
+    inputs: list[Path],
+    params: dict[str, Any],
+    background: Path | None,
+    kinds: list[str],
+    output: Path | None,
 ) -> list[Path]:
     from xrdmap.pdf import transform
     from xrdmap.textio import read_pattern, write_columns
@@ -44,7 +50,9 @@ def _run_text(
         twothetazero_deg=params["twothetazero"] or 0.0,
     )
     bg = read_pattern(background, **fmt) if background is not None else None
-    single_file = output is not None and len(inputs) == 1 and len(kinds) == 1 and output.suffix != ""
+    single_file = (
+        output is not None and len(inputs) == 1 and len(kinds) == 1 and output.suffix != ""
+    )
     out_dir = None if single_file else (output or Path("."))
     if out_dir is not None and not out_dir.is_dir():
         raise InputError(f"output directory {str(out_dir)!r} does not exist")
@@ -92,9 +100,21 @@ def _run_text(
         }
         columns = {
             "iq": (iq["q"].values, iq.values, None),
-            "sq": (ds["q"].values, ds["sq"].values, ds["sq_sigma"].values if "sq_sigma" in ds else None),
-            "fq": (ds["q"].values, ds["fq"].values, ds["fq_sigma"].values if "fq_sigma" in ds else None),
-            "gr": (ds["r"].values, ds["gr"].values, ds["gr_sigma"].values if "gr_sigma" in ds else None),
+            "sq": (
+                ds["q"].values,
+                ds["sq"].values,
+                ds["sq_sigma"].values if "sq_sigma" in ds else None,
+            ),
+            "fq": (
+                ds["q"].values,
+                ds["fq"].values,
+                ds["fq_sigma"].values if "fq_sigma" in ds else None,
+            ),
+            "gr": (
+                ds["r"].values,
+                ds["gr"].values,
+                ds["gr_sigma"].values if "gr_sigma" in ds else None,
+            ),
         }
         if "iq" in kinds and bg is not None:
             from xrdmap.background import subtract_background
@@ -108,16 +128,22 @@ def _run_text(
     return written
 
 
-def _run_result(path: Path, params: dict[str, Any], background: Path | None, output: Path | None) -> Path:
+def _run_result(
+    path: Path, params: dict[str, Any], background: Path | None, output: Path | None
+) -> Path:
     from xrdmap import results
     from xrdmap.pdf import transform
     from xrdmap.textio import read_pattern
 
     if not hasattr(results, "open_result"):
-        raise InputError("result files need xrdmap.results.open_result, which this installation lacks")
+        raise InputError(
+            "result files need xrdmap.results.open_result, which this installation lacks"
+        )
     ds = results.open_result(path)
     if "iq" not in ds:
-        raise InputError(f"result file {str(path)!r} has no 'iq' variable; run 'xrdmap integrate' first")
+        raise InputError(
+            f"result file {str(path)!r} has no 'iq' variable; run 'xrdmap integrate' first"
+        )
     bg = None
     if background is not None:
         bg = read_pattern(
@@ -142,7 +168,9 @@ def _run_result(path: Path, params: dict[str, Any], background: Path | None, out
         bgscale=params["bgscale"],
         iq_sigma=ds["iq_sigma"] if "iq_sigma" in ds else None,
     )
-    merged = ds.drop_vars([v for v in out.data_vars if v in ds.data_vars]).drop_dims("r", errors="ignore")
+    merged = ds.drop_vars([v for v in out.data_vars if v in ds.data_vars]).drop_dims(
+        "r", errors="ignore"
+    )
     merged = merged.merge(out, compat="override")
     merged.attrs.update({f"pdf_{k}": v for k, v in out.attrs.items()})
     target = output or path
@@ -151,25 +179,40 @@ def _run_result(path: Path, params: dict[str, Any], background: Path | None, out
 
 @app.command()
 def pdf(
-    inputs: list[Path] = typer.Argument(..., help="I(Q) or I(2theta) column files (.chi/.xy/.iq), or one result .h5."),
-    config: Path | None = typer.Option(None, "-c", "--config", help="PDFgetX3 configuration file (pdfgetx3.cfg)."),
-    background: Path | None = typer.Option(None, "-b", "--background", help="Background column file."),
+    inputs: list[Path] = typer.Argument(
+        ..., help="I(Q) or I(2theta) column files (.chi/.xy/.iq), or one result .h5."
+    ),
+    config: Path | None = typer.Option(
+        None, "-c", "--config", help="PDFgetX3 configuration file (pdfgetx3.cfg)."
+    ),
+    background: Path | None = typer.Option(
+        None, "-b", "--background", help="Background column file."
+    ),
     composition: str | None = typer.Option(None, help="Sample composition, e.g. 'Li3V2(PO4)3'."),
-    dataformat: str | None = typer.Option(None, help="First column: twotheta (deg), QA (A^-1) or Qnm (nm^-1)."),
+    dataformat: str | None = typer.Option(
+        None, help="First column: twotheta (deg), QA (A^-1) or Qnm (nm^-1)."
+    ),
     wavelength: float | None = typer.Option(None, help="Wavelength (A), for dataformat twotheta."),
     bgscale: str | None = typer.Option(None, help="Background scale factor or 'auto'."),
     qmin: float | None = typer.Option(None, help="Lower Q of the Fourier transform (A^-1)."),
     qmax: float | None = typer.Option(None, help="Upper Q of the Fourier transform (A^-1)."),
-    qmaxinst: float | None = typer.Option(None, help="Upper Q of the polynomial correction (A^-1)."),
+    qmaxinst: float | None = typer.Option(
+        None, help="Upper Q of the polynomial correction (A^-1)."
+    ),
     rpoly: float | None = typer.Option(None, help="r limit of the correction polynomial (A)."),
     rmin: float | None = typer.Option(None, help="Smallest r (A)."),
     rmax: float | None = typer.Option(None, help="Largest r (A)."),
     rstep: float | None = typer.Option(None, help="r step (A)."),
     lorch: bool = typer.Option(False, "--lorch", help="Apply the Lorch modification function."),
     output: Path | None = typer.Option(
-        None, "-o", "--output", help="Output directory (or file for one input and one type; .h5 for results)."
+        None,
+        "-o",
+        "--output",
+        help="Output directory (or file for one input and one type; .h5 for results).",
     ),
-    output_type: str | None = typer.Option(None, "-t", "--output-type", help="Comma-separated: iq,sq,fq,gr."),
+    output_type: str | None = typer.Option(
+        None, "-t", "--output-type", help="Comma-separated: iq,sq,fq,gr."
+    ),
 ) -> None:
     """Compute S(Q), F(Q) and G(r) by PDFgetX3's ad hoc method; options override the config."""
     from xrdmap.pdf import _CFG_DEFAULTS, read_pdfgetx3_cfg
