@@ -271,3 +271,10 @@ def test_example_i15_1_files_are_consistent():
     assert ai.detector.pixel1 == pytest.approx(150e-6)
     mask = load_mask(root / "I15-1_PE4343CT_example_mask.edf.gz", shape=(2880, 2880))
     assert mask[1440, 1440] and mask[2879, 1440] and not mask[100, 100]
+
+
+@pytest.mark.slow
+def test_real_image_without_any_guess(image):
+    res = calibrate(image, calibrant="CeO2", wavelength_A=WAVELENGTH_A, detector="Pilatus1M", orientation=2)
+    for name in ("dist", "poni1", "poni2"):
+        assert abs(res.poni[name] - REF[name]) < 0.2e-3

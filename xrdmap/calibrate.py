@@ -320,7 +320,12 @@ def _find_distance(prob: _Problem, poni1, poni2, dist, dist_range):
     rk = cands[:, None] * tan[None, :]
     inside = rk < rmax
     vals = np.where(inside, np.interp(np.where(inside, rk, 0), radii, peaks), 0.0)
-    score = vals.sum(axis=1)
+    # significance of the comb against rings falling at random radii: a plain sum would
+    # favour short distances, which put more rings on the detector
+    n_in = inside.sum(axis=1)
+    mean, var = peaks[good].mean(), peaks[good].var() or 1.0
+    score = (vals.sum(axis=1) - n_in * mean) / np.sqrt(np.maximum(n_in, 1) * var)
+    score[n_in < 2] = -np.inf
     return float(cands[np.argmax(score)])
 
 
