@@ -292,7 +292,7 @@ class _PairTable:
 # ---------------------------------------------------------------------------- Phase
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, repr=False)
 class Phase:
     """A crystalline reference phase and its simulated patterns.
 
@@ -368,6 +368,12 @@ class Phase:
             z=z,
             aliases=tuple(aliases),
             _laue=np.array(sorted(laue), dtype=int).reshape(-1, 3, 3),
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Phase(name={self.name!r}, formula={self.formula!r}, spacegroup={self.spacegroup!r}, "
+            f"kind={self.kind!r}, z={self.z:g})"
         )
 
     def __getstate__(self) -> dict:
