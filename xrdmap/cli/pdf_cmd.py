@@ -56,7 +56,8 @@ def _run_text(
     out_dir = None if single_file else (output or Path("."))
     if out_dir is not None and not out_dir.is_dir():
         raise InputError(f"output directory {str(out_dir)!r} does not exist")
-    written = []
+    written: list[Path] = []
+    pending: list[tuple] = []
     for path in inputs:
         iq = read_pattern(path, **fmt)
         sigma = iq["sigma"].drop_vars("sigma") if "sigma" in iq.coords else None
@@ -123,8 +124,10 @@ def _run_text(
             columns["iq"] = (sub["q"].values, sub["iq"].values, None)
         for kind in kinds:
             target = output if single_file else out_dir / f"{path.stem}.{kind}"
-            x, y, dy = columns[kind]
-            written.append(write_columns(target, x, y, kind=kind, params=header, dy=dy))
+            pending.append((target, kind, header, *columns[kind]))
+    # everything is computed before anything is written: bad input leaves no output
+    for target, kind, header, x, y, dy in pending:
+        written.append(write_columns(target, x, y, kind=kind, params=header, dy=dy))
     return written
 
 
