@@ -304,17 +304,39 @@ def test_phase_fractions_stack_and_residual_band(result):
     ax = fig.axes[0]
     assert ax.get_ylabel() == "weight fraction" and ax.get_xlabel() == "position (mm)"
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert labels[-1] == "unexplained (amorphous?)"
+    assert labels[-1] == "unexplained above the scan's 3 % baseline (amorphous?)"
     assert ax.collections[-1].get_hatch() == "///"
     # top of the stack is 1 everywhere: the residual band closes the column
     top = ax.collections[-1].get_paths()[0].vertices
     upper = top[(top[:, 1] > 0.5)][:, 1]
     np.testing.assert_allclose(upper.max(), 1.0, atol=1e-9)
-    # the crystalline part of an amorphous point is 1 - residual
     xs = [ln.get_xdata()[0] for ln in ax.get_lines()]
     np.testing.assert_allclose(sorted(xs), TRUE_BOUNDARIES, atol=STEP_MM)
     fills = {to_hex(c.get_facecolor()[0]) for c in ax.collections[:3]}
     assert fills == {maps.phase_colors(result)[p].lower() for p in PHASES}
+
+
+def test_fraction_bands_numbers(result):
+    pf = result["phase_fraction"].values
+    bands = maps.fraction_bands(result)  # excess over the 0.03 baseline
+    band = np.zeros(N_POINTS)
+    band[list(AMORPHOUS)] = 0.35 - 0.03
+    np.testing.assert_allclose(bands["unexplained"].values, band, atol=1e-12)
+    np.testing.assert_allclose(bands["fraction"].values, pf / pf.sum(1, keepdims=True) * (1 - band)[:, None],
+                               atol=1e-12)
+    total = maps.fraction_bands(result, "total")
+    np.testing.assert_allclose(total["unexplained"].values, result["residual"].values)
+    np.testing.assert_allclose(total["fraction"].sum("phase").values + total["unexplained"].values, 1.0)
+    assert maps.fraction_bands(result, "none")["unexplained"].values.max() == 0.0
+
+
+def test_minor_phases_pooled(result):
+    pf = np.column_stack([result["phase_fraction"].values * 0.99, np.full(N_POINTS, 0.005),
+                          np.full(N_POINTS, 0.005)])
+    ds = result.drop_vars(["phase_fraction", "reference_iq", "reference_gr"]).drop_dims("phase").assign(
+        phase_fraction=(("point", "phase"), pf)).assign_coords(phase=[*PHASES, "AlPO4", "Li4P2O7"])
+    labels = [t.get_text() for t in maps.plot_phase_fractions(ds).axes[0].get_legend().get_texts()]
+    assert "other phases (< 1 % each)" in labels and not any("AlPO" in t for t in labels)
 
 
 def test_weights_panels_when_profiles_would_be_flat(result):

@@ -46,6 +46,7 @@ __all__ = [
     "zone_table",
     "amorphous_points",
     "residual_baseline",
+    "fraction_bands",
     "make_figures",
     "save_figures",
 ]
@@ -601,29 +602,64 @@ def _fractions(ds: xr.Dataset) -> tuple[np.ndarray, list[str], np.ndarray | None
     return np.asarray(pf.values, dtype=float), names, residual
 
 
-def _draw_fractions(ax, ds: xr.Dataset, boundaries: list[float], *, vertical: bool) -> None:
-    fractions, names, residual = _fractions(ds)
+def fraction_bands(ds: xr.Dataset, residual: str = "excess") -> xr.Dataset:
+    """The bands that :func:`plot_phase_fractions` stacks, as numbers.
+
+    Returns ``fraction`` (point, phase): the crystalline weight fractions rescaled to share
+    ``1 - unexplained``, and ``unexplained`` (point): the whole ``residual``
+    (``residual="total"``), its excess over :func:`residual_baseline` (``"excess"``), or
+    zero (``"none"``). Each point's bands sum to 1.
+    """
+    fractions, names, res = _fractions(ds)
+    if residual not in ("excess", "total", "none"):
+        raise ConfigError(f"residual {residual!r}: expected 'excess', 'total' or 'none'")
+    f = np.nan_to_num(np.clip(fractions, 0, None))
+    band = np.zeros(len(f))
+    if res is not None and residual != "none":
+        band = np.nan_to_num(res)
+        if residual == "excess":
+            band = np.clip(band - residual_baseline(ds), 0.0, 1.0)
+    total = f.sum(axis=1, keepdims=True)
+    f = np.divide(f, total, out=np.zeros_like(f), where=total > 0) * (1.0 - band)[:, None]
+    coords = {k: v for k, v in ds.coords.items() if v.dims == ("point",)}
+    return xr.Dataset(
+        {"fraction": (("point", "phase"), f), "unexplained": ("point", band)},
+        coords={**coords, "phase": names},
+        attrs={"residual": residual},
+    )
+
+
+def _draw_fractions(ax, ds: xr.Dataset, boundaries: list[float], *, vertical: bool,
+                    residual_mode: str = "excess") -> None:
+    bands = fraction_bands(ds, residual_mode)
+    names = [str(p) for p in bands["phase"].values]
     scan, _, scan_label = scan_axis(ds)
     order = np.argsort(scan, kind="stable")
     s = scan[order]
-    f = np.nan_to_num(np.clip(fractions[order], 0, None))
-    if residual is not None:
-        # crystalline weight fractions share what the residual (amorphous) band leaves
-        total = f.sum(axis=1, keepdims=True)
-        f = np.divide(f, total, out=np.zeros_like(f), where=total > 0) * (1 - np.nan_to_num(residual[order]))[:, None]
+    f = bands["fraction"].values[order]
+    band = bands["unexplained"].values[order] if "residual" in ds and residual_mode != "none" else None
+    if band is not None:
+        label = "unexplained signal (amorphous?)"
+        if residual_mode == "excess":
+            label = f"unexplained above the scan's {100 * residual_baseline(ds):.0f} % baseline (amorphous?)"
     colors = phase_colors(ds)
     bottom = np.zeros(len(s))
     fill = ax.fill_betweenx if vertical else ax.fill_between
+    minor = np.zeros(len(s))
     for j, name in enumerate(names):
-        top = bottom + f[:, j]
         if not np.any(f[:, j] >= _SHOWN):
-            bottom = top
+            minor += f[:, j]
             continue
+        top = bottom + f[:, j]
         fill(s, bottom, top, color=colors[name], lw=0, step="mid", label=_pretty(name))
         bottom = top
-    if residual is not None:
-        fill(s, bottom, bottom + np.nan_to_num(residual[order]), facecolor="white", step="mid",
-             edgecolor=_RESIDUAL_COLOR, hatch="///", lw=0, label="unexplained (amorphous?)")
+    if np.any(minor > 0):
+        fill(s, bottom, bottom + minor, color="#e0e0e0", lw=0, step="mid",
+             label=f"other phases (< {100 * _SHOWN:.0f} % each)")
+        bottom = bottom + minor
+    if band is not None:
+        fill(s, bottom, bottom + band, facecolor="white", step="mid",
+             edgecolor=_RESIDUAL_COLOR, hatch="///", lw=0, label=label)
     line = ax.axhline if vertical else ax.axvline
     for b in boundaries:
         line(b, color="black", lw=1.0, ls="--")
@@ -643,18 +679,23 @@ def _draw_fractions(ax, ds: xr.Dataset, boundaries: list[float], *, vertical: bo
         ax.set_xlabel(scan_label)
 
 
-def plot_phase_fractions(ds: xr.Dataset, *,
+def plot_phase_fractions(ds: xr.Dataset, *, residual: str = "excess",
                          boundaries: Sequence[float] | str | None = "auto") -> Figure:
     """Stacked weight fractions of the phases along the scan.
 
-    The ``residual`` (fraction of the signal no reference phase explains: amorphous or
-    unknown) is its own hatched band on top; crystalline fractions are rescaled to share the
-    rest. Zone boundaries are dashed vertical lines labelled with their position.
+    The unexplained signal is its own hatched band on top and the crystalline fractions
+    share the rest. ``residual="excess"`` (default) shows only what exceeds the scan's
+    baseline residual (:func:`residual_baseline`): every point keeps some unexplained
+    signal (smooth background, imperfect references), and a band of it everywhere would
+    hide the crystalline fractions; a vitrified region stands out above it.
+    ``"total"`` shows the whole ``residual``; ``"none"`` normalises the crystalline
+    fractions to 1. Phases below 1 % everywhere are pooled in one grey band. Zone
+    boundaries are dashed vertical lines labelled with their position.
     """
     fig = _new_figure(7.5, 4.0)
     ax = fig.add_subplot()
     bounds = _boundaries_of(ds, boundaries)
-    _draw_fractions(ax, ds, bounds, vertical=False)
+    _draw_fractions(ax, ds, bounds, vertical=False, residual_mode=residual)
     _, name, _ = scan_axis(ds)
     unit = {"position": " mm", "time": " s"}.get(name, "")
     for b in bounds:
