@@ -367,6 +367,7 @@ class IntegrationEngine:
 
         self.spec = spec
         self.batch_frames = int(batch_frames)
+        self.block_pixels = int(block_pixels)
         shape = spec.shape
         npix = shape[0] * shape[1]
         ai = make_integrator(spec.poni)
@@ -401,19 +402,20 @@ class IntegrationEngine:
             valid &= np.isfinite(dark)
         valid = valid.ravel()
         norm = np.where(valid, norm.ravel(), 0.0)
-        a = a @ sp.diags(valid.astype(np.float64))
-        a.eliminate_zeros()
+        a.data *= valid[a.indices]  # statically invalid pixels drop out of every bin
         denom = a @ norm
         self.empty_bins = denom <= 0
         scale = np.divide(1.0, denom, out=np.zeros_like(denom), where=~self.empty_bins)
-        w = (sp.diags(scale) @ a).tocsc()
+        a.data *= np.repeat(scale, np.diff(a.indptr))  # row i divided by its normalisation
+        a.eliminate_zeros()
+        w = a.tocsc()
         w.sort_indices()
         self.norm = norm.astype(np.float32)
         self.used = np.diff(w.indptr) > 0  # pixels that feed at least one bin
         self.dark = None if dark is None else np.where(valid, dark.ravel(), 0.0).astype(np.float32)
         variance = spec.error_model == "poisson"
         self.nnz = int(w.nnz)
-        self.blocks = self._split(w, variance, block_pixels)
+        self.blocks = self._split(w, variance, self.block_pixels)
 
     def _split(self, w: sp.csc_matrix, variance: bool, block_pixels: int) -> list[_Block]:
         blocks = []
@@ -452,8 +454,8 @@ class IntegrationEngine:
         npt = self.spec.npt
         out = np.zeros((npt, k))
         var = np.zeros((npt, k)) if variance else None
-        buf = np.empty((BLOCK_PIXELS, k), np.float32)
-        buf2 = np.empty((BLOCK_PIXELS, k), np.float32) if variance else None
+        buf = np.empty((self.block_pixels, k), np.float32)
+        buf2 = np.empty((self.block_pixels, k), np.float32) if variance else None
         for blk in self.blocks:
             n = blk.j1 - blk.j0
             xt = x[:, blk.j0:blk.j1].T
@@ -477,7 +479,7 @@ class IntegrationEngine:
         """W @ x.T (or W^2 @ x.T) for x (k, npix) already prepared: (npt, k) float64."""
         k = x.shape[0]
         out = np.zeros((self.spec.npt, k))
-        buf = np.empty((BLOCK_PIXELS, k), np.float32)
+        buf = np.empty((self.block_pixels, k), np.float32)
         for blk in self.blocks:
             b = buf[: blk.j1 - blk.j0]
             np.copyto(b, x[:, blk.j0:blk.j1].T, casting="unsafe")
@@ -594,8 +596,15 @@ def integrate_frames(frames: np.ndarray, spec: IntegrationSpec, monitor: np.ndar
 # --------------------------------------------------------------------------------------
 
 
-def _integrate_block(frames: np.ndarray, monitor: np.ndarray, spec: IntegrationSpec) -> np.ndarray:
-    """dask task: one chunk of frames -> (k, npt [+ npt] + 1) packed iq | sigma | masked."""
+def _integrate_block(frames: Any, monitor: np.ndarray, spec: IntegrationSpec) -> np.ndarray:
+    """dask task: one chunk of frames -> (k, npt [+ npt] + 1) packed iq | sigma | masked.
+
+    ``frames`` arrives as dask's nested list over the contracted (y, x) chunks; there is
+    exactly one of each (integrate_scan rechunks so), and unwrapping it instead of letting
+    dask concatenate saves a copy of the chunk.
+    """
+    while isinstance(frames, list):
+        (frames,) = frames
     res = get_engine(spec).integrate(frames, monitor)
     parts = [res.iq] + ([res.sigma] if res.sigma is not None else []) + [res.masked_pixels[:, None]]
     return np.concatenate(parts, axis=1)
@@ -686,7 +695,7 @@ def integrate_scan(
 
     spec_key = delayed(spec, pure=True)
     packed = da.blockwise(_integrate_block, "pk", data, "pyx", mon, "p", spec_key, None,
-                          new_axes={"k": width}, dtype=np.float64, concatenate=True,
+                          new_axes={"k": width}, dtype=np.float64, concatenate=False,
                           name=f"integrate-{spec.digest[:12]}")
     q = _q_axis(spec)
     coords = {name: c.variable for name, c in scan.coords.items() if c.dims == ("point",)}
