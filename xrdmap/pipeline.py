@@ -24,7 +24,7 @@ import numpy as np
 import xarray as xr
 
 from xrdmap.config import RunConfig
-from xrdmap.errors import InputError
+from xrdmap.errors import ComputeError, ConfigError, InputError, OutputError
 
 __all__ = ["run", "RunOutputs", "integrate_checkpointed", "analyse", "bin_points", "demo_config"]
 
@@ -63,9 +63,9 @@ def run(config: RunConfig, *, log: Log = _quiet, progress: Progress | None = Non
 
     out_path = Path(config.output.path)
     if not out_path.parent.is_dir():
-        from xrdmap.errors import OutputError
-
         raise OutputError(f"output.path {str(out_path)!r}: directory {str(out_path.parent)!r} does not exist")
+    if config.pdf.enabled:
+        _check_composition(config.pdf.composition)
 
     scan = _open_scan(config)
     log(f"scan: {scan.sizes['point']} frames of {scan.sizes['y']} x {scan.sizes['x']} px from {config.scan.source}")
@@ -91,6 +91,16 @@ def run(config: RunConfig, *, log: Log = _quiet, progress: Progress | None = Non
     if not config.output.keep_checkpoints:
         shutil.rmtree(_checkpoint_dir(out_path), ignore_errors=True)
     return outputs
+
+
+def _check_composition(text: str) -> None:
+    """Fail before integrating, not after, when pdf.composition does not parse."""
+    from xrdmap.composition import parse_composition
+
+    try:
+        parse_composition(text)
+    except InputError as exc:
+        raise ConfigError(f"pdf.composition {text!r}: {exc}") from None
 
 
 def _open_scan(config: RunConfig) -> xr.DataArray:
@@ -210,12 +220,15 @@ def integrate_checkpointed(
     ckpt = _checkpoint_dir(Path(config.output.path))
     key = _integration_key(scan, config)
     key_file = ckpt / "key.json"
-    if ckpt.exists() and (not key_file.is_file() or json.loads(key_file.read_text()).get("key") != key):
-        log(f"checkpoints in {ckpt} belong to other inputs or parameters: discarding them")
-        shutil.rmtree(ckpt)
-    ckpt.mkdir(exist_ok=True)
-    if not key_file.is_file():
-        key_file.write_text(json.dumps({"key": key}))
+    try:
+        if ckpt.exists() and (not key_file.is_file() or json.loads(key_file.read_text()).get("key") != key):
+            log(f"checkpoints in {ckpt} belong to other inputs or parameters: discarding them")
+            shutil.rmtree(ckpt)
+        ckpt.mkdir(exist_ok=True)
+        if not key_file.is_file():
+            key_file.write_text(json.dumps({"key": key}))
+    except (OSError, ValueError) as exc:
+        raise OutputError(f"checkpoint directory {str(ckpt)!r} cannot be written: {getattr(exc, 'strerror', None) or exc}") from None
 
     names = [n for n in ("iq", "iq_sigma", "masked_pixels") if n in lazy.data_vars]
     point_chunks = lazy["iq"].chunks[0]
@@ -238,8 +251,15 @@ def integrate_checkpointed(
 
     def save(i: int, arrays) -> None:
         tmp = ckpt / f".chunk_{i:06d}.tmp.npz"
-        np.savez(tmp, **{n: np.asarray(a) for n, a in zip(names, arrays)})
-        tmp.replace(chunk_file(i))
+        try:
+            np.savez(tmp, **{n: np.asarray(a) for n, a in zip(names, arrays)})
+            tmp.replace(chunk_file(i))
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise OutputError(f"checkpoint {str(chunk_file(i))!r} could not be written: {exc.strerror or exc}") from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     if client is None:
         for i in pending:
@@ -248,20 +268,33 @@ def integrate_checkpointed(
             if progress:
                 progress(done, n_chunks)
     elif pending:
-        from distributed import as_completed
+        from distributed import KilledWorker, as_completed
 
         futures = {}
         for i in pending:
             fut = client.compute(block(i))
             futures[fut] = i
         for fut in as_completed(list(futures)):
-            save(futures[fut], fut.result())
+            i = futures[fut]
+            try:
+                arrays = fut.result()
+            except KilledWorker as exc:
+                raise ComputeError(
+                    f"integration of frames {bounds[i]}..{bounds[i + 1] - 1} of {scan.attrs.get('source', 'the scan')} "
+                    f"failed: the dask workers processing it died repeatedly ({exc}); "
+                    "expected readable frames (a crash can come from corrupt compressed data)"
+                ) from None
+            save(i, arrays)
             done += 1
             if progress:
                 progress(done, n_chunks)
 
-    loaded = [np.load(chunk_file(i)) for i in range(n_chunks)]
-    data = {n: np.concatenate([f[n] for f in loaded]) for n in names}
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for i in range(n_chunks):
+        with np.load(chunk_file(i)) as f:  # one open file at a time, whatever the chunk count
+            for n in names:
+                parts[n].append(f[n])
+    data = {n: np.concatenate(parts[n]) for n in names}
     ds = lazy.copy()
     for n in names:
         ds[n] = (lazy[n].dims, data[n], lazy[n].attrs)
