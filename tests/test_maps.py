@@ -304,7 +304,7 @@ def test_phase_fractions_stack_and_residual_band(result):
     ax = fig.axes[0]
     assert ax.get_ylabel() == "weight fraction" and ax.get_xlabel() == "position (mm)"
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert labels[-1] == "unexplained above the scan's 3 % baseline (amorphous?)"
+    assert labels[-1] == "unexplained above the\nscan's 3 % baseline\n(amorphous?)"
     assert ax.collections[-1].get_hatch() == "///"
     # top of the stack is 1 everywhere: the residual band closes the column
     top = ax.collections[-1].get_paths()[0].vertices

@@ -639,9 +639,9 @@ def _draw_fractions(ax, ds: xr.Dataset, boundaries: list[float], *, vertical: bo
     f = bands["fraction"].values[order]
     band = bands["unexplained"].values[order] if "residual" in ds and residual_mode != "none" else None
     if band is not None:
-        label = "unexplained signal (amorphous?)"
+        label = "unexplained signal\n(amorphous?)"
         if residual_mode == "excess":
-            label = f"unexplained above the scan's {100 * residual_baseline(ds):.0f} % baseline (amorphous?)"
+            label = f"unexplained above the\nscan's {100 * residual_baseline(ds):.0f} % baseline\n(amorphous?)"
     colors = phase_colors(ds)
     bottom = np.zeros(len(s))
     fill = ax.fill_betweenx if vertical else ax.fill_between
@@ -692,7 +692,7 @@ def plot_phase_fractions(ds: xr.Dataset, *, residual: str = "excess",
     fractions to 1. Phases below 1 % everywhere are pooled in one grey band. Zone
     boundaries are dashed vertical lines labelled with their position.
     """
-    fig = _new_figure(7.5, 4.0)
+    fig = _new_figure(8.0, 4.2)
     ax = fig.add_subplot()
     bounds = _boundaries_of(ds, boundaries)
     _draw_fractions(ax, ds, bounds, vertical=False, residual_mode=residual)
