@@ -13,15 +13,16 @@ Forward model, per scan point ``i`` and momentum transfer ``Q`` (A^-1)::
               + dark, with gaps, beamstop shadow and hot pixels
 
 ``B_p`` is the Bragg intensity per unit mass of phase ``p`` (``Phase.simulate_iq``),
-``D_p`` its self scattering ``sum_atoms f^2(Q)`` (plus a Compton-like term) per unit
-mass, ``A`` the total scattering per unit mass of a glass (self scattering plus the
+``D_p`` its thermal diffuse scattering (the part ``sum_atoms f^2 (1 - exp(-U Q^2))`` of
+the self scattering that the Debye-Waller factor moves out of the peaks) plus a
+Compton-like term, per unit mass, ``A`` the total scattering per unit mass of a glass (self scattering plus the
 interference term from ``Phase.simulate_fq`` with correlations cut at ``size_A`` ~ 7 A),
 and ``K`` the Kapton-tape + air background. ``w_ip`` and ``a_i`` are weight fractions that
 sum to one per point. The pattern of each pixel is the average of the 1-D pattern over
 ``s x s`` sub-pixels (a real pixel integrates over its area), times pyFAI's relative
 solid angle and polarization (factor 0.99), exactly as ``ai.calcfrom1d`` would.
 
-File layout (``h5py`` paths)::
+File layout (``h5py`` paths; ``import hdf5plugin`` before reading the frames)::
 
     /entry                          NXentry, default -> data
     /entry/instrument/detector      NXdetector
@@ -43,6 +44,13 @@ File layout (``h5py`` paths)::
         amorphous_fraction (point); lattice_scale (point); zones (boundaries, mm or s) and
         zone_names; mask (y, x) every pixel a pipeline should mask; hot_pixels (n, 2)
 
+Peak widths: Bragg peaks have the intrinsic FWHM ``fwhm_q`` (stored; default 0.05 A^-1 or
+two pixels, whichever is broader: 0.375 A^-1 at 256 px, 0.19 at 512 px, 0.05 at 2880 px).
+Each pixel averages the pattern over its area (``pixel_dq``, stored, is the Q span of one
+pixel near the beam); pixel-splitting integration (pyFAI ``bbox``) widens peaks by up to
+about one more pixel. At 256 px LVP, LVP-Pbcn and the anti-NASICON phase (one framework)
+are barely distinguishable; use 512 px or more for phase-fraction work.
+
 Counting statistics: ``counts`` is the mean expected number of sample counts per
 unmasked pixel (averaged over the scan). The default 2e4 gives 1e4-1e5 counts per pixel
 in the strong low-Q region, about what a PerkinElmer panel collects in a few seconds at
@@ -58,6 +66,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,9 +85,12 @@ __all__ = [
     "scan_geometry",
     "layout_truth",
     "self_scattering",
+    "compton_scattering",
+    "thermal_diffuse",
     "crystal_pattern",
     "glass_pattern",
     "kapton_pattern",
+    "pixel_dq",
     "simulate_scan",
 ]
 
@@ -90,6 +102,7 @@ BEAM_CENTER_FRACTION = (0.44, 0.42)  # (y, x) as fractions of the panel side
 POLARIZATION_FACTOR = 0.99
 MONITOR_REFERENCE = 1.0e6  # incident counts per frame of the nominal beam
 KAPTON_FORMULA = "C22H10N2O5"
+DEFAULT_U_ISO = 0.5 / (8.0 * np.pi**2)  # A^2, B = 0.5 A^2
 
 
 # ---------------------------------------------------------------------------- layouts
@@ -162,8 +175,8 @@ def _mirror(zones: list[Zone], length: float) -> tuple[Zone, ...]:
     return (*zones[:-1], centre, *mirrored)
 
 
-LVP, EPS, LI3PO4, PBCN = "LVP", "eps-LiVOPO4", "Li3PO4-gamma", "LixV2(PO4)3-Pbcn"
-LATP, DOPED, ALPO4 = "LATP", "anti-NASICON-doped", "AlPO4"
+LVP, EPS, LI3PO4, PBCN = "LVP", "eps-LiVOPO4", "Li3PO4-gamma", "LVP-Pbcn"
+LATP, DOPED, ALPO4 = "LATP", "anti-NASICON", "AlPO4"
 GLASS = "LATP-glass"
 
 _FLASH_ONSET, _FLASH_END, _FLASH_PERIOD_S = 0.25, 0.55, 0.01
@@ -202,7 +215,7 @@ LAYOUTS: dict[str, Layout] = {
             ],
             3.0,
         ),
-        unavailable=("alpha1-LiVOPO4.nH2O",),
+        unavailable=("alpha1-LiVOPO4",),
     ),
     "composite": Layout(
         name="composite",
@@ -469,13 +482,10 @@ class _PixelModel:
 # ------------------------------------------------------------------- 1-D patterns
 
 
-def self_scattering(
-    composition: str | Mapping[str, float], q: np.ndarray, *, compton: bool = True
-) -> np.ndarray:
-    """Self (and Compton-like) scattering per amu of ``composition`` (electrons^2 / amu).
+def compton_scattering(composition: str | Mapping[str, float], q: np.ndarray) -> np.ndarray:
+    """Compton-like incoherent scattering per amu: ``sum_atoms Z (1 - (f/Z)^2)`` / mass.
 
-    ``sum_atoms f(Q)^2`` per formula unit divided by the formula mass; with ``compton``
-    add ``sum_atoms Z (1 - (f/Z)^2)``, a smooth rise to ``Z`` at high Q.
+    A smooth rise from 0 at Q = 0 to ``Z`` per atom at high Q (no Breit-Dirac factor).
     """
     import periodictable
 
@@ -484,12 +494,62 @@ def self_scattering(
     total = np.zeros_like(q)
     mass = 0.0
     for el, n in counts.items():
-        f = form_factor(el, q)
         z = periodictable.elements.symbol(el).number
-        total += n * f * f
-        if compton:
-            total += n * z * np.clip(1.0 - (f / z) ** 2, 0.0, None)
+        total += n * z * np.clip(1.0 - (form_factor(el, q) / z) ** 2, 0.0, None)
         mass += n * periodictable.elements.symbol(el).mass
+    return total / mass
+
+
+def self_scattering(
+    composition: str | Mapping[str, float], q: np.ndarray, *, compton: bool = True
+) -> np.ndarray:
+    """Self scattering ``sum_atoms f(Q)^2`` per amu of ``composition`` (e^2 / amu).
+
+    With ``compton`` the :func:`compton_scattering` term is added.
+    """
+    import periodictable
+
+    counts = parse_composition(composition)
+    q = np.asarray(q, dtype=float)
+    total = np.zeros_like(q)
+    mass = 0.0
+    for el, n in counts.items():
+        total += n * form_factor(el, q) ** 2
+        mass += n * periodictable.elements.symbol(el).mass
+    out = total / mass
+    return out + compton_scattering(counts, q) if compton else out
+
+
+_SYMBOL = re.compile(r"[A-Z][a-z]?")
+
+
+def thermal_diffuse(phase: Any, q: np.ndarray) -> np.ndarray:
+    """Thermal diffuse scattering per amu of a crystal (Einstein model).
+
+    ``sum_atoms occ f(Q)^2 (1 - exp(-U Q^2))`` / cell mass with each atom's ``Uiso``
+    (0.5 / (8 pi^2) A^2 where the structure gives none): the part of the self scattering
+    that the Debye-Waller factor takes out of the Bragg peaks. It vanishes at low Q, where
+    a dense solid scatters almost nothing outside its Bragg peaks, and tends to the full
+    self scattering at high Q. Objects without a ``structure`` use their ``formula`` and
+    the default ``U``.
+    """
+    import periodictable
+
+    q = np.asarray(q, dtype=float)
+    structure = getattr(phase, "structure", None)
+    if structure is not None:
+        atoms = [
+            (_SYMBOL.match(a.element).group(0), float(a.occupancy), float(a.Uisoequiv))
+            for a in structure
+        ]
+    else:
+        atoms = [(el, n, 0.0) for el, n in parse_composition(phase.formula).items()]
+    total = np.zeros_like(q)
+    mass = 0.0
+    for el, occ, u in atoms:
+        u = u if u > 0 else DEFAULT_U_ISO
+        total += occ * form_factor(el, q) ** 2 * -np.expm1(-u * q * q)
+        mass += occ * periodictable.elements.symbol(el).mass
     return total / mass
 
 
@@ -504,13 +564,16 @@ def _atoms_per_amu(composition: str) -> float:
 def crystal_pattern(
     phase: Any, q: np.ndarray, *, fwhm_q: float, stretch: float = 1.0, compton: bool = True
 ) -> np.ndarray:
-    """Total scattering per unit mass of a crystalline phase: Bragg + self scattering.
+    """Total scattering per unit mass of a crystalline phase (e^2 / amu).
 
-    This is the reference a weight-fraction fit needs: a mixture with weight fractions
-    ``w_p`` scatters ``sum_p w_p * crystal_pattern(p)``.
+    Bragg peaks (``Phase.simulate_iq``) + :func:`thermal_diffuse` (+ Compton). This is the
+    reference a weight-fraction fit needs: a mixture with weight fractions ``w_p``
+    scatters ``sum_p w_p * crystal_pattern(p)``.
     """
+    q = np.asarray(q, dtype=float)
     bragg = np.asarray(phase.simulate_iq(q, stretch=stretch, fwhm_q=fwhm_q), dtype=float)
-    return bragg + self_scattering(phase.formula, q, compton=compton)
+    out = bragg + thermal_diffuse(phase, q)
+    return out + compton_scattering(phase.formula, q) if compton else out
 
 
 def glass_pattern(
@@ -550,11 +613,15 @@ def kapton_pattern(q: np.ndarray) -> np.ndarray:
     )
 
 
+def pixel_dq(poni: Mapping[str, Any]) -> float:
+    """Q span (A^-1) of one pixel near the direct beam: ``(2 pi / lambda) * pixel / distance``."""
+    wavelength_A = poni["wavelength"] * 1e10
+    return 2.0 * math.pi / wavelength_A * poni["detector_config"]["pixel1"] / poni["dist"]
+
+
 def _default_fwhm(poni: Mapping[str, Any]) -> float:
     """Peak FWHM (A^-1): 0.05 (I15-1 with a 2880 px panel) or two pixels if coarser."""
-    wavelength_A = poni["wavelength"] * 1e10
-    dq_pixel = 2.0 * math.pi / wavelength_A * poni["detector_config"]["pixel1"] / poni["dist"]
-    return max(0.05, 2.0 * dq_pixel)
+    return max(0.05, 2.0 * pixel_dq(poni))
 
 
 # ----------------------------------------------------------------------- the scan
@@ -834,20 +901,19 @@ def simulate_scan(
         )
         calib["type"] = "text/x-pyfai-poni"
 
-        if kapton:
-            bg = entry.create_group("background")
-            bg.attrs.update({"NX_class": "NXdata", "signal": "data"})
-            bg["description"] = (
-                "Kapton tape + air only, same geometry and exposure as the scan frames"
-            )
-            bg_monitor = MONITOR_REFERENCE * (1.0 + monitor_rms * rng.standard_normal())
-            bg.create_dataset(
-                "data",
-                data=detector_frame(bg_monitor / MONITOR_REFERENCE * bg_frame),
-                chunks=(n1, n2),
-                **compression,
-            )
-            bg["monitor"] = bg_monitor
+        bg = entry.create_group("background")
+        bg.attrs.update({"NX_class": "NXdata", "signal": "data"})
+        bg["description"] = (
+            "Kapton tape + air only (dark only with kapton=False), same geometry and exposure as the scan frames"
+        )
+        bg_monitor = MONITOR_REFERENCE * (1.0 + monitor_rms * rng.standard_normal())
+        bg.create_dataset(
+            "data",
+            data=detector_frame(bg_monitor / MONITOR_REFERENCE * bg_frame),
+            chunks=(n1, n2),
+            **compression,
+        )
+        bg["monitor"] = bg_monitor
 
         tr = entry.create_group("truth")
         tr.attrs.update(
@@ -858,6 +924,7 @@ def simulate_scan(
                 "counts": counts,
                 "flux_scale": flux,
                 "fwhm_q": fwhm,
+                "pixel_dq": pixel_dq(poni),
                 "compton": compton,
                 "monitor_reference": MONITOR_REFERENCE,
                 "polarization_factor": POLARIZATION_FACTOR,
