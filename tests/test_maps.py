@@ -145,6 +145,15 @@ def test_minor_phase_zone_detected():
     np.testing.assert_allclose(maps.find_zone_boundaries(pf), [0.475, 0.975], atol=0.05)
 
 
+def test_long_time_series_is_segmented_in_blocks():
+    t = np.arange(5000) * 0.001  # s
+    a = np.where((t >= 1.2) & (t < 3.1), 0.7, 0.1) + np.random.default_rng(4).normal(0, 0.02, t.size)
+    pf = xr.DataArray(np.column_stack([a, 1 - a]), dims=("point", "phase"),
+                      coords={"time": ("point", t)})
+    found = maps.find_zone_boundaries(pf)  # blocks of 5 points
+    np.testing.assert_allclose(found, [1.2, 3.1], atol=0.005)
+
+
 def test_unsorted_scan_and_time_axis():
     ds = make_result(scan="time")
     perm = np.random.default_rng(2).permutation(N_POINTS)

@@ -742,14 +742,25 @@ def plot_quality(ds: xr.Dataset, *, coherence_threshold_A: float = 10.0,
                 text = f"flag above baseline + {threshold:g}"
             ax.axhline(level, color="0.3", lw=0.9, ls=":", label=text)
             ax.legend(loc="best", frameon=False, fontsize="small")
-        for s in scan[order][flagged]:
-            ax.axvspan(s - step / 2, s + step / 2, color="0.85", lw=0, zorder=0)
+        for a, b in _runs(scan[order], flagged):
+            ax.axvspan(a - step / 2, b + step / 2, color="0.85", lw=0, zorder=0)
         for b in bounds:
             ax.axvline(b, color="0.3", lw=0.8, ls="--")
         ax.set_ylabel(label)
     axes[-1].set_xlabel(scan_label)
     axes[0].set_title("Quality along the scan (shaded: flagged amorphous)")
     return fig
+
+
+def _runs(scan: np.ndarray, flags: np.ndarray) -> list[tuple[float, float]]:
+    """First and last scan coordinate of each run of consecutive flagged points."""
+    idx = np.flatnonzero(flags)
+    if idx.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(idx) > 1)
+    starts = np.concatenate([[idx[0]], idx[breaks + 1]])
+    ends = np.concatenate([idx[breaks], [idx[-1]]])
+    return [(float(scan[a]), float(scan[b])) for a, b in zip(starts, ends, strict=True)]
 
 
 def plot_overview(ds: xr.Dataset, *, boundaries: Sequence[float] | str | None = "auto") -> Figure:
@@ -885,7 +896,8 @@ def _dissolve_transitions(x: np.ndarray, starts: list[int], min_plateau: int, to
 
 def find_zone_boundaries(phase_fraction: xr.DataArray, *, n_zones: int | None = None,
                          max_zones: int = 8, min_size: int = 2, min_change: float = 0.05,
-                         min_plateau: int = 4, penalty: float | None = None) -> list[float]:
+                         min_plateau: int = 4, penalty: float | None = None,
+                         max_points: int = 1000) -> list[float]:
     """Scan positions where the phase composition changes (change points).
 
     The fraction profiles of all phases are fitted together by a piecewise-constant
@@ -918,6 +930,10 @@ def find_zone_boundaries(phase_fraction: xr.DataArray, *, n_zones: int | None = 
         Fewest points of a zone whose composition lies between its neighbours'.
     penalty
         Cost of one more boundary, in squared fraction units (overrides the default).
+    max_points
+        Longer scans are averaged in blocks down to about this many points first (the
+        exact segmentation costs O(zones * n^2)); boundaries are then located within one
+        block.
 
     Returns
     -------
@@ -937,6 +953,12 @@ def find_zone_boundaries(phase_fraction: xr.DataArray, *, n_zones: int | None = 
     scan, x = scan[order], x[order]
     ok = np.all(np.isfinite(x), axis=1)
     scan, x = scan[ok], x[ok]
+    if len(x) > max_points:
+        # long series: segment block means (boundaries then within one block)
+        m = int(np.ceil(len(x) / max_points))
+        nb = len(x) // m
+        x = x[: nb * m].reshape(nb, m, -1).mean(axis=1)
+        scan = scan[: nb * m].reshape(nb, m).mean(axis=1)
     n, p = x.shape
     if n < 2 * min_size:
         return []

@@ -336,7 +336,7 @@ def _assignment_section(ds: xr.Dataset, dim: str, colors: Mapping[str, str]) -> 
         rows.append(row)
     space = "Q" if dim == "q" else "r"
     return (f"<h3>Components in {space}</h3>"
-            + _table(["component", "phase", "score", "runners-up (score)"], rows, numeric=[False, False, True]))
+            + _table(["component", "phase", "score", "runners-up or best candidates (score)"], rows, numeric=[False, False, True]))
 
 
 def _zone_section(ds: xr.Dataset, colors: Mapping[str, str]) -> str:
