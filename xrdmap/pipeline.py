@@ -272,7 +272,8 @@ def integrate_checkpointed(
 
         futures = {}
         for i in pending:
-            fut = client.compute(block(i))
+            # one future per chunk holding all its arrays (they share the frames' tasks)
+            fut = client.compute(dask.delayed(list)(block(i)))
             futures[fut] = i
         for fut in as_completed(list(futures)):
             i = futures[fut]
