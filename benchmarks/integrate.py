@@ -74,11 +74,35 @@ def make_mask(size: int) -> np.ndarray:
     return mask
 
 
+def _single_thread() -> None:
+    """Run on each worker: one BLAS/OpenMP thread (the environment is inherited too)."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+
+
+def _build_engine(spec) -> None:
+    """Run on each worker: build (and cache) the engine the integration tasks will use."""
+    from xrdmap.integrate import get_engine
+
+    get_engine(spec)
+
+
 def rate(n: int, seconds: float) -> float:
     return n / seconds if seconds > 0 else float("nan")
 
 
 def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB.
+
+    Linux VmHWM (reset by exec, unlike getrusage's ru_maxrss, which a spawned dask worker
+    inherits from the process that started it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -215,19 +239,16 @@ def main() -> None:
         for workers in (1, 2):
             with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                               dashboard_address=":0", memory_limit=None) as cluster, Client(cluster) as client:
-                client.run(threadpool_limits, 1)
+                client.run(_single_thread)
                 scan = open_scan(str(path), frames_path="entry/data/data", chunk_frames=args.chunk)
                 lazy = integrate_scan(scan, geo, mask=mask, npt=npt, polarization_factor=POL)
-                # warm-up: each worker builds its engine once (not timed)
-                warm = integrate_scan(scan[: args.chunk * workers], geo, mask=mask, npt=npt,
-                                      polarization_factor=POL, chunk_frames=args.chunk)
-                client.compute(warm).result()
+                client.run(_build_engine, spec)  # each worker builds its engine once, untimed
                 times[workers] = float("inf")
                 for _ in range(args.repeats):
                     t0 = time.perf_counter()
                     client.compute(lazy).result()
                     times[workers] = min(times[workers], time.perf_counter() - t0)
-                rss = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+                rss = client.run(peak_rss_mb)
             print(f"dask LocalCluster {workers} worker process(es), frames read from HDF5: "
                   f"{rate(n, times[workers]):6.1f} frames/s, worker peak RSS "
                   f"{', '.join(f'{v:.0f}' for v in rss.values())} MB")

@@ -387,12 +387,15 @@ class IntegrationEngine:
             unit=unit, split=PYFAI_METHOD[0], algo=PYFAI_METHOD[1], empty=0.0, scale=False,
         )
         self.q = np.asarray(csr.bin_centers, dtype=np.float64) * unit.scale
-        data, indices, indptr = csr.lut
-        a = sp.csr_matrix((np.asarray(data, np.float64), indices, indptr), shape=(spec.npt, npix))
-
+        data, indices, indptr = (np.array(v) for v in csr.lut)
         norm = ai.solidAngleArray(shape, True).astype(np.float64)
         if spec.polarization_factor is not None:
             norm = norm * ai.polarization(shape, spec.polarization_factor)
+        # pyFAI's integrator caches several detector-sized geometry arrays: free them
+        # before the matrix is reshaped, which keeps the peak memory of a worker down.
+        del csr, ai
+        a = sp.csr_matrix((data.astype(np.float64), indices, indptr), shape=(spec.npt, npix))
+        del data
         dark = None
         if spec.flat is not None:
             norm = norm * spec.flat.load()
@@ -409,6 +412,7 @@ class IntegrationEngine:
         a.data *= np.repeat(scale, np.diff(a.indptr))  # row i divided by its normalisation
         a.eliminate_zeros()
         w = a.tocsc()
+        del a
         w.sort_indices()
         self.norm = norm.astype(np.float32)
         self.used = np.diff(w.indptr) > 0  # pixels that feed at least one bin

@@ -68,7 +68,7 @@ def integrate(
                           polarization_factor=pol)
     t0 = time.perf_counter()
     ds = _compute_with_progress(lazy, workers=workers, scheduler=scheduler)
-    inputs = [p for p in (*(scan if len(scan) > 1 else [scan[0]]), poni, mask, dark, flat) if p is not None]
+    inputs = [p for p in (*scan, poni, mask, dark, flat) if p is not None]
     config = {
         "command": "integrate", "scan": scan, "poni": str(poni), "mask": mask, "dark": dark,
         "flat": flat, "npt": npt, "q_range": list(q) if q else None, "polarization_factor": pol,
