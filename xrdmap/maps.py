@@ -96,6 +96,10 @@ def scan_axis(ds: xr.Dataset | xr.DataArray) -> tuple[np.ndarray, str, str]:
     return np.arange(ds.sizes["point"], dtype=float), "point", "scan point"
 
 
+def _along(ds: xr.Dataset) -> str:
+    return "over time" if scan_axis(ds)[1] == "time" else "along the scan"
+
+
 def _pretty(name: str) -> str:
     """Phase name for matplotlib: digits after an element or ')' as subscripts, Greek prefix."""
     text = str(name).replace("$", r"\$")
@@ -350,7 +354,7 @@ def plot_iq_map(ds: xr.Dataset, *, var: str = "iq", scale: str = "log",
     elif scale == "contrast":
         cbar_label = f"{what} / median over the scan − 1"
     return _heatmap(ds, da, "q", "Q (Å$^{-1}$)", norm=norm, cmap=cmap, cbar_label=cbar_label,
-                    title=f"{what} along the scan", boundaries=_boundaries_of(ds, boundaries))
+                    title=f"{what} {_along(ds)}", boundaries=_boundaries_of(ds, boundaries))
 
 
 def plot_gr_map(ds: xr.Dataset, *, percentile: float = 99.5,
@@ -370,7 +374,7 @@ def plot_gr_map(ds: xr.Dataset, *, percentile: float = 99.5,
     lim = _robust_limits(z, 0.0, percentile)[1]
     norm = TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim)
     return _heatmap(ds, da, "r", "r (Å)", norm=norm, cmap=cmap, cbar_label="G(r) (Å$^{-2}$)",
-                    title="G(r) along the scan", boundaries=_boundaries_of(ds, boundaries))
+                    title=f"G(r) {_along(ds)}", boundaries=_boundaries_of(ds, boundaries))
 
 
 # --------------------------------------------------------------------------- NMF
@@ -701,7 +705,7 @@ def plot_phase_fractions(ds: xr.Dataset, *, residual: str = "excess",
     for b in bounds:
         ax.annotate(f"{b:.3g}{unit}", (b, 1.0), xytext=(0, 3), textcoords="offset points",
                     ha="center", va="bottom", fontsize="small")
-    ax.set_title("Phase weight fractions along the scan", pad=14 if bounds else 6)
+    ax.set_title(f"Phase weight fractions {_along(ds)}", pad=14 if bounds else 6)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize="small")
     return fig
 
@@ -748,7 +752,7 @@ def plot_quality(ds: xr.Dataset, *, coherence_threshold_A: float = 10.0,
             ax.axvline(b, color="0.3", lw=0.8, ls="--")
         ax.set_ylabel(label)
     axes[-1].set_xlabel(scan_label)
-    axes[0].set_title("Quality along the scan (shaded: flagged amorphous)")
+    axes[0].set_title(f"Quality {_along(ds)} (shaded: flagged amorphous)")
     return fig
 
 
@@ -790,7 +794,7 @@ def plot_overview(ds: xr.Dataset, *, boundaries: Sequence[float] | str | None = 
         axes[0].axhline(b, color="white", lw=1.2, ls="--")
     axes[0].set_xlabel("Q (Å$^{-1}$)")
     axes[0].set_ylabel(scan_label)
-    axes[0].set_title("I(Q) across the scan")
+    axes[0].set_title(f"I(Q) {_along(ds)}")
     if scan_label.startswith("position"):
         axes[0].invert_yaxis()
     if has_fractions:
