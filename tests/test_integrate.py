@@ -195,6 +195,7 @@ def test_integrate_scan_lazy_and_monitor(frames, extras):
     out = ds.compute()
     spec = make_spec(PONI, SHAPE, mask=extras["mask"], dark=extras["dark"], npt=NPT, q_range=Q_RANGE)
     plain = integrate_frames(frames, spec)
+    np.testing.assert_array_equal(out["q"].values, plain.q)
     # monitor normalisation: I and sigma are divided by the point's monitor
     np.testing.assert_allclose(out["iq"].values * monitor[:, None], plain.iq, rtol=1e-12)
     np.testing.assert_allclose(out["iq_sigma"].values * monitor[:, None], plain.sigma, rtol=1e-12)
@@ -350,3 +351,11 @@ def test_cli_bad_input_exits_nonzero_without_output(tmp_path, scan_files):
     assert proc.returncode == 2
     assert "mask file" in proc.stderr and "(10, 10)" in proc.stderr and "(256, 256)" in proc.stderr
     assert not out.exists() and not list(tmp_path.glob(".result.h5*"))
+
+
+@pytest.mark.parametrize("q_range", [None, Q_RANGE])
+def test_q_axis_without_engine_equals_engine_bins(q_range, extras):
+    from xrdmap.integrate import IntegrationEngine, _q_axis
+
+    spec = make_spec(PONI, SHAPE, mask=extras["mask"], npt=NPT + 7, q_range=q_range)
+    np.testing.assert_array_equal(_q_axis(spec), IntegrationEngine(spec).q)

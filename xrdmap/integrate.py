@@ -740,5 +740,34 @@ def _describe(src: ArraySource | None) -> str:
 
 
 def _q_axis(spec: IntegrationSpec) -> np.ndarray:
-    """Bin centres (A^-1), exactly pyFAI's: taken from this process's engine."""
-    return get_engine(spec).q.copy()
+    """Bin centres (A^-1) exactly as pyFAI places them, without building the matrix.
+
+    pyFAI's bbox binning spans [min(q - dq), max(q + dq)] over unmasked pixels (or the
+    requested range); handing its binning class only the two extreme pixels gives the
+    same bins at a fraction of the memory a full engine needs in the client process.
+    """
+    engine = _ENGINES.get(spec.digest)
+    if engine is not None:
+        return engine.q.copy()
+    from pyFAI.ext.splitBBoxCSR import HistoBBox1d
+    from pyFAI.units import to_unit
+
+    from xrdmap.geometry import make_integrator
+
+    unit = to_unit(UNIT)
+    ai = make_integrator(spec.poni)
+    pos0 = ai.array_from_unit(spec.shape, "center", unit, scale=False).ravel()
+    dpos0 = ai.array_from_unit(spec.shape, "delta", unit, scale=False).ravel()
+    valid = np.ones(pos0.size, bool)
+    if ai.detector.mask is not None and tuple(ai.detector.mask.shape) == spec.shape:
+        valid &= ~ai.detector.mask.astype(bool).ravel()
+    if spec.mask is not None:
+        valid &= ~spec.mask.load().ravel()
+    idx = np.flatnonzero(valid)
+    if idx.size == 0:
+        raise InputError("mask excludes every pixel of the detector")
+    ends = idx[[np.argmin((pos0 - dpos0)[idx]), np.argmax((pos0 + dpos0)[idx])]]
+    pos0_range = None if spec.q_range is None else tuple(v / unit.scale for v in spec.q_range)
+    bins = HistoBBox1d(pos0[ends], dpos0[ends], bins=spec.npt, pos0_range=pos0_range,
+                       allow_pos0_neg=not unit.positive, unit=unit, empty=0.0)
+    return np.asarray(bins.bin_centers, np.float64) * unit.scale
