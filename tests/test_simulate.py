@@ -337,6 +337,8 @@ def test_cli_writes_scan_poni_and_mask(tmp_path, standin, monkeypatch):
         glass = f["entry/truth/amorphous_fraction"][()]
     assert glass[0] > 0.5 and glass[4] < 0.05  # vitreous rim, crystalline core
     assert np.load(out.with_suffix(".mask.npy")).shape == (64, 64)
+    assert np.load(out.with_suffix(".dark.npy")).shape == (64, 64)
+    assert f"--dark {out.with_suffix('.dark.npy')}" in result.output
     bad = CliRunner().invoke(app, ["simulate", "spiral", "-o", str(tmp_path / "x.h5")])
     assert bad.exit_code != 0
 

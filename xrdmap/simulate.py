@@ -725,7 +725,8 @@ def simulate_scan(
         ``flash``.
     path : str or Path
         Output ``.h5`` file, written atomically. With ``poni_file`` the geometry is also
-        written to ``path`` with suffix ``.poni`` and the mask to ``.mask.npy``.
+        written to ``path`` with suffix ``.poni``, the mask (gaps, beamstop, hot pixels;
+        True = excluded) to ``.mask.npy`` and the dark image to ``.dark.npy``.
     points : int
         Scan points (frames).
     size : int
@@ -761,7 +762,8 @@ def simulate_scan(
         Phase name -> object with ``simulate_iq``, ``simulate_fq`` and ``formula``;
         default :func:`xrdmap.phases.load_library`.
     poni_file : bool
-        Also write ``<stem>.poni`` and ``<stem>.mask.npy`` beside the scan.
+        Also write ``<stem>.poni``, ``<stem>.mask.npy`` and ``<stem>.dark.npy`` beside
+        the scan.
 
     Returns
     -------
@@ -958,4 +960,6 @@ def simulate_scan(
             tmp.write_text(_poni_text(poni))
         with atomic_output(path.with_suffix(".mask.npy")) as tmp, open(tmp, "wb") as fh:
             np.save(fh, mask)
+        with atomic_output(path.with_suffix(".dark.npy")) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, dark)
     return path

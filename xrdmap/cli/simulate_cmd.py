@@ -37,8 +37,8 @@ def simulate(
     """Simulate a line scan (or a flash time series) of a sintered pellet with ground truth.
 
     Writes OUTPUT (frames, positions or times, monitor, Kapton background frame and the
-    true phase fractions under /entry/truth), OUTPUT with suffix .poni (geometry) and
-    .mask.npy (gaps, beamstop, hot pixels).
+    true phase fractions under /entry/truth), and beside it .poni (geometry), .mask.npy
+    (gaps, beamstop, hot pixels) and .dark.npy (dark image).
     """
     from xrdmap.errors import ConfigError
     from xrdmap.simulate import LAYOUTS, simulate_scan
@@ -57,12 +57,12 @@ def simulate(
         kapton=kapton,
         noise=noise,
     )
-    poni = path.with_suffix(".poni")
-    mask = path.with_suffix(".mask.npy")
+    poni, mask, dark = (path.with_suffix(ext) for ext in (".poni", ".mask.npy", ".dark.npy"))
     typer.echo(
         f"wrote {path} ({points} frames of {size} x {size} px, layout {layout}, seed {seed})"
     )
+    typer.echo(f"wrote {poni}, {mask} and {dark}; ground truth under /entry/truth of {path.name}")
+    result = path.with_name(path.stem + "_iq.h5")
     typer.echo(
-        f"wrote {poni} (geometry) and {mask} (mask); truth under /entry/truth of {path.name}"
+        f"next: xrdmap integrate {path} --poni {poni} --mask {mask} --dark {dark} -o {result}"
     )
-    typer.echo(f"next: xrdmap integrate {path} --poni {poni}  (mask: {mask})")
