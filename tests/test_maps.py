@@ -410,3 +410,18 @@ def test_plot_cli(result, tmp_path):
                                    "--what", "fractions"])
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in out.iterdir()) == ["overview.png", "phase_fractions.png"]
+
+
+def test_plot_cli_errors(result, tmp_path):
+    import subprocess
+    import sys
+
+    from xrdmap.results import save_result
+
+    path = save_result(result, tmp_path / "result.h5")
+    run = [sys.executable, "-m", "xrdmap", "plot", str(path), "-o", str(tmp_path / "p")]
+    bad = subprocess.run([*run, "--what", "maps"], capture_output=True, text=True)
+    assert bad.returncode == 3 and "--what" in bad.stderr
+    missing = subprocess.run([sys.executable, "-m", "xrdmap", "plot", str(tmp_path / "nope.h5")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "nope.h5" in missing.stderr

@@ -11,6 +11,14 @@ the point index. Heatmaps put the scan axis vertically, as the published maps ac
 pellet's thickness do (Q or r horizontally); profiles (weights, fractions, quality) put it
 horizontally. Each phase keeps one colour (Okabe-Ito palette, safe for colour-blind
 readers) in every figure.
+
+In Jupyter, a returned figure shows as the cell's value once an inline backend is active
+(``%matplotlib inline``, or after importing pyplot); ``fig.savefig(path)`` writes it.
+
+>>> from xrdmap import maps, open_result
+>>> ds = open_result("result.h5")                   # doctest: +SKIP
+>>> fig = maps.plot_phase_fractions(ds)             # doctest: +SKIP
+>>> maps.zone_table(ds)["mean_fraction"]            # doctest: +SKIP
 """
 
 from __future__ import annotations
