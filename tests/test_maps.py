@@ -238,6 +238,16 @@ def test_contrast_map_is_relative_deviation(result):
     assert mesh.norm.vmin == pytest.approx(-mesh.norm.vmax)
 
 
+def test_log_map_negative_is_lowest_colour_and_nan_is_missing(result):
+    ds = result.copy(deep=True)
+    ds["iq"][3, :] = -0.5  # over-subtracted background
+    ds["iq"][7, :] = np.nan  # masked point (crack)
+    mesh = maps.plot_iq_map(ds, q_range=None, boundaries=None).axes[0].collections[0]
+    values = np.ma.asarray(mesh.get_array()).reshape(ds["iq"].shape)
+    assert not np.ma.is_masked(values[3]) and np.allclose(values[3], mesh.norm.vmin)
+    assert np.all(~np.isfinite(np.ma.filled(values[7], np.nan)))
+
+
 def test_time_series_axis():
     fig = maps.plot_iq_map(make_result(scan="time"), scale="robust")
     assert fig.axes[0].get_ylabel() == "time (s)"

@@ -339,7 +339,11 @@ def plot_iq_map(ds: xr.Dataset, *, var: str = "iq", scale: str = "log",
     if scale == "log":
         positive = np.where(z > 0, z, np.nan)
         vmin, vmax = _robust_limits(positive, *percentiles)
-        norm = LogNorm(vmin=max(vmin, vmax * 1e-6), vmax=vmax, clip=True)
+        vmin = max(vmin, vmax * 1e-6)
+        # zero/negative intensities (over-subtracted background) take the lowest colour;
+        # only missing data (NaN: masked, crack) is grey
+        da = da.copy(data=np.where(np.isfinite(z), np.maximum(z, vmin), np.nan))
+        norm = LogNorm(vmin=vmin, vmax=vmax, clip=True)
     elif scale == "robust":
         norm = Normalize(*_robust_limits(z, *percentiles), clip=True)
     elif scale == "linear":
@@ -794,10 +798,12 @@ def plot_overview(ds: xr.Dataset, *, boundaries: Sequence[float] | str | None = 
     order = np.argsort(scan, kind="stable")
     z = np.asarray(da.values, dtype=float)
     vmin, vmax = _robust_limits(np.where(z > 0, z, np.nan), 1.0, 99.8)
+    vmin = max(vmin, vmax * 1e-6)
+    z = np.where(np.isfinite(z), np.maximum(z, vmin), np.nan)
     q = np.asarray(da.coords["q"].values, dtype=float)
     mesh = axes[0].pcolormesh(q, scan[order], z[order], shading="nearest", rasterized=True,
                               cmap=matplotlib.colormaps["viridis"].with_extremes(bad="#d9d9d9"),
-                              norm=LogNorm(vmin=max(vmin, vmax * 1e-6), vmax=vmax, clip=True))
+                              norm=LogNorm(vmin=vmin, vmax=vmax, clip=True))
     for b in bounds:
         axes[0].axhline(b, color="white", lw=1.2, ls="--")
     axes[0].set_xlabel("Q (Å$^{-1}$)")
