@@ -359,3 +359,33 @@ def test_q_axis_without_engine_equals_engine_bins(q_range, extras):
 
     spec = make_spec(PONI, SHAPE, mask=extras["mask"], npt=NPT + 7, q_range=q_range)
     np.testing.assert_array_equal(_q_axis(spec), IntegrationEngine(spec).q)
+
+
+def test_real_ceo2_frame():
+    """A real Pilatus frame of CeO2 (crop, see tests/data/README.md): equal to pyFAI, and
+    the 111, 200, 220 rings where NIST SRM 674b's lattice parameter puts them."""
+    from pathlib import Path
+
+    from xrdmap.geometry import read_poni
+
+    data = Path(__file__).parent / "data" / "integrate"
+    npz = np.load(data / "CeO2_Pilatus1M_crop512.npz")
+    image, (y0, x0) = npz["image"], npz["origin"]
+    poni = read_poni(data / "CeO2_Pilatus1M.poni")
+    pixel = poni["detector_config"]["pixel1"]
+    poni = dict(poni, poni1=poni["poni1"] - y0 * pixel, poni2=poni["poni2"] - x0 * pixel,
+                detector_config=dict(poni["detector_config"], max_shape=[512, 512]))
+    spec = make_spec(poni, image.shape, npt=1500, q_range=(1.0, 4.0))
+    res = integrate_frames(image, spec)
+    ref = make_integrator(poni).integrate1d(image, 1500, unit="q_A^-1", method=("bbox", "csr", "cython"),
+                                            polarization_factor=0.99, radial_range=(1.0, 4.0),
+                                            error_model="poisson")
+    assert _max_rel(res.iq, ref.intensity, ref.intensity) <= RTOL
+    assert _max_rel(res.sigma, ref.sigma, ref.intensity) <= RTOL
+    a = 5.411651  # A, NIST SRM 674b
+    bin_width = 3.0 / 1500
+    for hkl in ((1, 1, 1), (2, 0, 0), (2, 2, 0)):
+        q_hkl = 2 * np.pi * np.linalg.norm(hkl) / a
+        win = np.abs(res.q - q_hkl) < 0.05
+        q_peak = res.q[win][np.argmax(res.iq[win])]
+        assert abs(q_peak - q_hkl) <= 1.5 * bin_width
