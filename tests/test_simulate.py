@@ -307,6 +307,10 @@ def test_flash_lattice_expansion_moves_the_peaks(tmp_path, standin):
             f["entry/truth/amorphous_fraction"][()], f["entry/truth/phase_fraction"][:, 1]
         )
     assert np.allclose(time, 0.01 * np.arange(20))
+    with h5py.File(path) as f:
+        onset, end = f["entry/truth/zones"][()]
+        assert list(f["entry/truth/zone_points"][()]) == [5, 11]  # 0.05 s and 0.11 s of 20 frames
+    assert (onset, end) == pytest.approx((0.05, 0.11))
     hot = int(np.argmax(scale))
     assert scale[hot] == pytest.approx(1.008, abs=1e-6)
     # the stand-in's peak at q0 sits at q0 / stretch: the analytic shift

@@ -41,8 +41,9 @@ File layout (``h5py`` paths; ``import hdf5plugin`` before reading the frames)::
         pixel after solid-angle/polarization correction at monitor = monitor_reference;
         background_iq (q) the same for Kapton/air; phase (phase) names;
         phase_fraction (point, phase) weight fractions (rows sum to 1);
-        amorphous_fraction (point); lattice_scale (point); zones (boundaries, mm or s) and
-        zone_names; mask (y, x) every pixel a pipeline should mask; hot_pixels (n, 2)
+        amorphous_fraction (point); lattice_scale (point); zones (boundaries, mm or s),
+        zone_names, zone_points (the point nearest each boundary); position or time;
+        mask (y, x) every pixel a pipeline should mask; hot_pixels (n, 2)
 
 Peak widths: Bragg peaks have the intrinsic FWHM ``fwhm_q`` (stored; default 0.05 A^-1 or
 two pixels, whichever is broader: 0.375 A^-1 at 256 px, 0.19 at 512 px, 0.05 at 2880 px).
@@ -951,6 +952,9 @@ def simulate_scan(
         tr["zones"] = truth["boundaries"]
         tr["zones"].attrs["units"] = axis_units
         tr["zone_names"] = np.array(truth["zone_names"], dtype=h5py.string_dtype())
+        nearest = np.abs(truth["coord"][None, :] - truth["boundaries"][:, None]).argmin(axis=1)
+        tr["zone_points"] = nearest.astype(np.int64)
+        tr["zone_points"].attrs["description"] = "index of the point nearest each boundary"
         tr[axis_name] = truth["coord"]
         tr.create_dataset("mask", data=mask.astype(np.uint8), chunks=(n1, n2), **compression)
         tr["hot_pixels"] = np.argwhere(hot).astype(np.int32)
