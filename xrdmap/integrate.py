@@ -23,8 +23,15 @@ The sums run over valid pixels: not masked, finite normalisation, and -- per fra
 finite pixel values (pixels that are NaN/inf, or equal to the detector's pyFAI ``dummy``
 value, are left out of that frame only and counted in ``masked_pixels``).
 
-Pixel values are handled in float32, as pyFAI does, and summed in float64; results are
-float64.
+Pixel values are handled in float32, as pyFAI does; sums run in float32 within blocks of
+32768 pixels and in float64 across blocks; results are float64 (agreement with pyFAI is
+~1e-7 relative on a 2048 x 2048 frame).
+
+Why CSC column blocks rather than one CSR product: frames arrive frame-major (k, npix),
+and scipy's sparse x dense kernels want the dense operand pixel-major (npix, k). Each
+block of pixels of a batch of frames is transposed into a small buffer that stays in
+cache, and the block's columns of the matrix (CSC, sorted indices, restricted to the q
+rows it touches) consume it twice: once for I and once for the variance.
 """
 
 from __future__ import annotations
