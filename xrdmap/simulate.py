@@ -77,7 +77,7 @@ import numpy as np
 
 from xrdmap.composition import form_factor, parse_composition
 from xrdmap.errors import ConfigError, InputError
-from xrdmap.geometry import PerkinElmerXRD4343CT, wavelength_from_energy
+from xrdmap.geometry import PerkinElmerXRD4343CT, make_integrator, wavelength_from_energy
 
 __all__ = [
     "LAYOUTS",
@@ -405,17 +405,6 @@ def scan_geometry(
     return cfg
 
 
-def _integrator(poni: Mapping[str, Any]):
-    from pyFAI.integrator.azimuthal import AzimuthalIntegrator
-
-    cfg = poni["detector_config"]
-    det = PerkinElmerXRD4343CT(
-        pixel1=cfg["pixel1"], pixel2=cfg["pixel2"], max_shape=tuple(cfg["max_shape"])
-    )
-    keys = ("dist", "poni1", "poni2", "rot1", "rot2", "rot3", "wavelength")
-    return AzimuthalIntegrator(detector=det, **{k: poni[k] for k in keys})
-
-
 def _poni_text(poni: Mapping[str, Any]) -> str:
     cfg = dict(poni["detector_config"])
     cfg["orientation"] = int(cfg.get("orientation", 3))
@@ -444,7 +433,7 @@ class _PixelModel:
     """
 
     def __init__(self, poni: Mapping[str, Any], subsample: int):
-        ai = _integrator(poni)
+        ai = make_integrator(poni)
         n1, n2 = ai.detector.shape
         self.shape = (n1, n2)
         offsets = (np.arange(subsample) + 0.5) / subsample - 0.5
@@ -454,7 +443,6 @@ class _PixelModel:
             for o1 in offsets
             for o2 in offsets
         ]
-        self.q_center = (ai.qArray() / 10.0).astype(np.float64)
         self.weight = (ai.solidAngleArray() * ai.polarization(factor=POLARIZATION_FACTOR)).astype(
             np.float64
         )
