@@ -18,6 +18,7 @@ import xarray as xr
 from scipy.optimize import nnls
 from typer.testing import CliRunner
 
+from xrdmap.composition import formula_mass, parse_composition
 from xrdmap.errors import ConfigError
 from xrdmap.geometry import make_integrator, q_from_twotheta, read_poni
 from xrdmap.simulate import (
@@ -441,3 +442,23 @@ def test_acceptance_pyfai_and_simulate_iq_references_recover_fractions(tmp_path,
     est = np.array(est)
     est /= est.sum(axis=1, keepdims=True)
     assert np.abs(est - t["fractions"]).max() < 0.03
+
+
+def test_vitreous_glass_has_no_correlations_beyond_7_angstrom(library):
+    from xrdmap.composition import form_factor_moments
+    from xrdmap.simulate import glass_pattern
+
+    latp = library["LATP"]
+    q = np.linspace(0.05, 24.0, 4000)
+    per_amu = glass_pattern(latp, q, compton=False)
+    f2, fbar2 = form_factor_moments(latp.formula, q)
+    atoms_per_amu = sum(parse_composition(latp.formula).values()) / formula_mass(latp.formula)
+    fq = q * (per_amu / atoms_per_amu - f2) / fbar2  # Faber-Ziman F(Q) = Q [S(Q) - 1]
+    r = np.linspace(0.5, 20.0, 800)
+    gr = 2.0 / np.pi * np.trapezoid(fq[None, :] * np.sin(np.outer(r, q)), q, axis=1)
+    short = np.abs(gr[(r > 1.0) & (r < 5.0)]).max()
+    # G(r) = -4 pi rho r beyond the correlations would still be linear; remove the baseline
+    far = (r > 9.0) & (r < 20.0)
+    slope = np.polyfit(r[far], gr[far], 1)
+    assert np.abs(gr[far] - np.polyval(slope, r[far])).max() < 0.05 * short
+    assert short > 0.5  # the P-O and Ti-O first-neighbour peaks are there
