@@ -105,8 +105,11 @@ class CalibrationResult:
         return write_poni(self.poni, path)
 
     @property
-    def beam_center_px(self) -> tuple[float, float]:
-        """Point of normal incidence as (column x, row y) in pixels of the array as given."""
+    def poni_px(self) -> tuple[float, float]:
+        """Point of normal incidence (PONI) as (column x, row y) in pixels of the array as given.
+
+        With tilted detectors this differs from where the direct beam hits the detector.
+        """
         return _poni_to_pixel(make_detector(self.poni["detector"], self.poni.get("detector_config")),
                               self.poni["poni1"], self.poni["poni2"])
 
@@ -234,6 +237,7 @@ class _Problem:
         p1, p2, _ = det.calc_cartesian_positions()
         self.p1 = np.asarray(p1, dtype=float)
         self.p2 = np.asarray(p2, dtype=float)
+        self.valid_index = np.flatnonzero(valid.ravel())
         self.pixel = float(np.sqrt(det.pixel1 * det.pixel2))
 
     def geometry(self, param):
@@ -246,7 +250,7 @@ class _Problem:
                         detector=self.det, wavelength=self.wavelength)
 
 
-def _sample(prob: _Problem, max_pixels: int = 400_000):
+def _sample(prob: _Problem, max_pixels: int = 200_000):
     idx = np.flatnonzero(prob.valid.ravel())
     step = max(1, idx.size // max_pixels)
     idx = idx[::step]
@@ -333,10 +337,16 @@ def _extract_points(prob: _Problem, geo, rings: Sequence[int], halfwidth_px: flo
     """Control points along rings: half-maximum centroids in azimuthal sectors of an annulus."""
     from pyFAI import units
 
-    tth = geo.center_array(unit=units.TTH_RAD, scale=False)
-    chi = geo.center_array(unit=units.CHI_RAD, scale=False)
+    vidx = prob.valid_index
+    tth = geo.center_array(unit=units.TTH_RAD, scale=False).ravel()[vidx]
+    chi_all = geo.center_array(unit=units.CHI_RAD, scale=False).ravel()
+    # valid pixels sorted by 2theta: each annulus is then one contiguous slice
+    order = np.argsort(tth, kind="stable")
+    tth_sorted = tth[order]
+    pix_sorted = vidx[order]
     dist = geo.dist
-    rows, cols = np.indices(prob.image.shape)
+    ncol = prob.image.shape[1]
+    image = prob.image.ravel()
     out = []
     all_tth = prob.tth_rings
     for k in rings:
@@ -347,16 +357,18 @@ def _extract_points(prob: _Problem, geo, rings: Sequence[int], halfwidth_px: flo
         half = min(halfwidth_px * px_ang, 0.45 * gaps.min())
         if half < 2.0 * px_ang:
             continue
-        sel = prob.valid & (np.abs(tth - t0) < half)
-        if sel.sum() < 20:
+        lo, hi = np.searchsorted(tth_sorted, [t0 - half, t0 + half])
+        if hi - lo < 20:
             continue
-        dt = (tth[sel] - t0) / half
-        img = prob.image[sel].astype(float)
-        d1 = rows[sel].astype(float)
-        d2 = cols[sel].astype(float)
+        pix = pix_sorted[lo:hi]
+        dt = (tth_sorted[lo:hi] - t0) / half
+        img = image[pix].astype(np.float64)
+        d1 = (pix // ncol).astype(np.float64)
+        d2 = (pix % ncol).astype(np.float64)
+        chi = chi_all[pix]
         radius_px = dist * np.tan(t0) / prob.pixel
-        nsec = int(np.clip(2 * np.pi * radius_px / 4.0, 36, 720))
-        sec = ((chi[sel] + np.pi) / (2 * np.pi) * nsec).astype(np.int64) % nsec
+        nsec = int(np.clip(2 * np.pi * radius_px / 4.0, 36, 360))
+        sec = ((chi + np.pi) / (2 * np.pi) * nsec).astype(np.int64) % nsec
         edge = np.abs(dt) > 0.6
         ne = np.bincount(sec, weights=edge, minlength=nsec)
         bg = np.bincount(sec, weights=img * edge, minlength=nsec) / np.maximum(ne, 1)

@@ -77,8 +77,8 @@ def calibrate(
     for name in ("rot1", "rot2", "rot3"):
         note = " (fixed)" if name in result.fixed else ""
         table.add_row(name + note, f"{np.rad2deg(p[name]):.5f}", f"± {np.rad2deg(u[name]):.5f}", "deg")
-    x, y = result.beam_center_px
-    table.add_row("beam centre x, y", f"{x:.2f}, {y:.2f}", "", "px (as read)")
+    x, y = result.poni_px
+    table.add_row("PONI x, y", f"{x:.2f}, {y:.2f}", "", "px (as read)")
     table.add_row("orientation", str(p.get("detector_config", {}).get("orientation", "")), "", "pyFAI")
     table.add_row("wavelength", f"{p['wavelength'] * 1e10:.6f}", "fixed", "A")
     console.print(table)
