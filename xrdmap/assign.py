@@ -434,12 +434,20 @@ def _refine_on_mixture(target, x, dim, lib, names, stretch, width, bg, stretch_r
         ref = _simulate(lib[n], x, dim, s, w)
         return _nnls_rss(target, np.concatenate([np.array([ref, *others]), bg]).T)
 
-    for _ in range(sweeps):
+    grid = 1.0 + np.arange(-stretch_range, stretch_range + 1e-12, 0.0025)
+    for sweep in range(sweeps):
         for n in names:
             s0, w0 = stretch[n], width[n]
             best = rss(n, s0, w0)
-            lo = max(s0 - 0.006, 1 - stretch_range)
-            hi = min(s0 + 0.006, 1 + stretch_range)
+            if sweep == 0:
+                # The single-phase correlation may have locked onto a neighbour's peaks:
+                # scan the whole range once on the full model.
+                values = [rss(n, s, w0) for s in grid]
+                if min(values) < best:
+                    s0, best = float(grid[int(np.argmin(values))]), float(min(values))
+                    stretch[n] = s0
+            lo = max(s0 - 0.004, 1 - stretch_range)
+            hi = min(s0 + 0.004, 1 + stretch_range)
             res = minimize_scalar(lambda s, n=n, w0=w0: rss(n, s, w0), bounds=(lo, hi), method="bounded",
                                   options={"xatol": 1e-5})
             if res.fun < best:
