@@ -45,6 +45,11 @@ File layout (``h5py`` paths; ``import hdf5plugin`` before reading the frames)::
         zone_names, zone_points (the point nearest each boundary); position or time;
         mask (y, x) every pixel a pipeline should mask; hot_pixels (n, 2)
 
+Beside ``scan.h5``: ``scan.poni`` (pyFAI geometry), ``scan.mask.npy`` (True = gap,
+beamstop or hot pixel) and ``scan.dark.npy``, so that
+``xrdmap integrate scan.h5 --poni scan.poni --mask scan.mask.npy --dark scan.dark.npy``
+reduces the scan.
+
 Peak widths: Bragg peaks have the intrinsic FWHM ``fwhm_q`` (stored; default 0.05 A^-1 or
 two pixels, whichever is broader: 0.375 A^-1 at 256 px, 0.19 at 512 px, 0.05 at 2880 px).
 Each pixel averages the pattern over its area (``pixel_dq``, stored, is the Q span of one
