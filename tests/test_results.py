@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import h5py
 import numpy as np
 import pytest
@@ -110,3 +112,12 @@ def test_provenance_records_versions_and_checksums(tmp_path):
     )
     assert "pyFAI" in prov["software_versions"]
     assert prov["configuration"] == {"npt": 10}
+
+
+def test_outputs_follow_the_umask(tmp_path, result):
+    old = os.umask(0o022)
+    try:
+        path = save_result(result, tmp_path / "r.h5")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -29,6 +29,7 @@ from xrdmap.errors import ComputeError, ConfigError, InputError, OutputError
 __all__ = ["run", "RunOutputs", "integrate_checkpointed", "analyse", "bin_points", "demo_config"]
 
 Log = Callable[[str], None]
+CHUNKS_PER_WORKER = 4
 Progress = Callable[[int, int], None]
 
 
@@ -107,11 +108,20 @@ def _open_scan(config: RunConfig) -> xr.DataArray:
     from xrdmap.io import open_scan
 
     s = config.scan
-    return open_scan(
-        s.source, frames_path=s.frames_path, positions_path=s.positions_path,
-        times_path=s.times_path, monitor_path=s.monitor_path, positions=s.positions,
-        times=s.times, chunk_frames=s.chunk_frames,
+    kwargs = dict(
+        frames_path=s.frames_path, positions_path=s.positions_path, times_path=s.times_path,
+        monitor_path=s.monitor_path, positions=s.positions, times=s.times,
     )
+    scan = open_scan(s.source, chunk_frames=s.chunk_frames, **kwargs)
+    if s.chunk_frames is None:
+        # io sizes chunks by memory (~64 MB); small scans then fit in one chunk and would
+        # leave workers idle. Ask for at least CHUNKS_PER_WORKER chunks per worker.
+        workers = max(1, config.compute.workers, config.compute.jobs if config.compute.cluster == "slurm" else 1)
+        by_memory = int(scan.chunks[0][0])
+        wanted = max(1, -(-scan.sizes["point"] // (CHUNKS_PER_WORKER * workers)))
+        if wanted < by_memory:
+            scan = open_scan(s.source, chunk_frames=wanted, **kwargs)
+    return scan
 
 
 # --------------------------------------------------------------------------------------
@@ -461,9 +471,10 @@ def analyse(
         )
         res = res.merge(assigned.rename({v: f"{dim}_{v}" for v in assigned.data_vars}))
         decomp[dim] = res
+        ds.attrs.update(res.attrs)  # nmf_{dim}_n_components, _criterion, _x_ranges, ...
         names = ", ".join(str(v) for v in assigned["component_phase"].values)
         log(f"nmf in {dim}: {comps.sizes['component']} components -> {names}")
-    ds = ds.merge(_combine_components(decomp))
+    ds = ds.merge(_combine_components(decomp), compat="override", combine_attrs="override")
 
     fractions = phase_fractions(ds["iq"], phases, dim="q", stretch_range=config.phases.stretch_range)
     ds = ds.merge(fractions)
@@ -524,19 +535,17 @@ def _combine_components(decomp: dict[str, xr.Dataset]) -> xr.Dataset:
     """Put the Q and r decompositions on one ``component`` axis.
 
     They may have different numbers of components (e.g. 3 in Q, 2 in r); the shorter
-    one is padded with NaN (and "" for names) and ``nmf_{q,r}_n_components`` records
-    how many are real.
+    one is padded with NaN (and "" for names); the attribute ``nmf_{q,r}_n_components``
+    of the result records how many are real.
     """
     if not decomp:
         return xr.Dataset()
     k = max(res.sizes.get("component", 0) for res in decomp.values())
     out = []
-    for dim, res in decomp.items():
-        n = res.sizes["component"]
+    for res in decomp.values():
         padded = res.reindex(component=np.arange(k), fill_value={
             v: ("" if res[v].dtype.kind in "OUS" else np.nan) for v in res.data_vars if "component" in res[v].dims
         })
-        padded[f"nmf_{dim}_n_components"] = xr.DataArray(n)
         out.append(padded)
     return xr.merge(out, compat="override", combine_attrs="drop_conflicts")
 

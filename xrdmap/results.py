@@ -38,6 +38,10 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         raise OutputError(f"output {str(target)!r} cannot be written: {exc.strerror}") from None
     os.close(fd)
     tmp = Path(tmp_name)
+    # mkstemp creates the file 0600; give the result the permissions of a normal new file
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         yield tmp
         os.replace(tmp, target)
