@@ -82,6 +82,8 @@ class CalibrationResult:
     calibrant : str
     fixed : tuple of str
         Parameters that were not refined.
+    notes : list of str
+        What the refinement decided on its own (e.g. rot3 kept at 0).
     """
 
     poni: dict[str, Any]
@@ -91,6 +93,7 @@ class CalibrationResult:
     rms_deg: float
     calibrant: str
     fixed: tuple[str, ...] = field(default_factory=tuple)
+    notes: list[str] = field(default_factory=list)
 
     def integrator(self):
         """A fresh pyFAI ``AzimuthalIntegrator`` with the refined geometry."""
@@ -158,6 +161,9 @@ def make_detector(name: str | Any, config: Mapping[str, Any] | None = None, *, o
     import xrdmap.geometry  # noqa: F401  (registers the PerkinElmer XRD 4343 CT)
 
     if not isinstance(name, str):
+        if orientation is not None and _parse_orientation(orientation) != int(name.orientation or 3):
+            raise ConfigError(f"orientation {orientation!r} given with a detector object of orientation "
+                              f"{int(name.orientation or 3)}: set it when building the detector")
         return name
     cfg = dict(config or {})
     ori = _parse_orientation(orientation)
@@ -195,8 +201,8 @@ def _wavelength_m(wavelength_A: float | None, energy_keV: float | None) -> float
     if wavelength_A is not None:
         if not wavelength_A > 0:
             raise ConfigError(f"wavelength {wavelength_A} A: expected a positive wavelength")
-        return float(wavelength_A) * 1e-10
-    return wavelength_from_energy(float(energy_keV)) * 1e-10
+        return float(wavelength_A) / 1e10
+    return wavelength_from_energy(float(energy_keV)) / 1e10
 
 
 def _pixel_to_poni(det, x: float, y: float) -> tuple[float, float]:
@@ -551,6 +557,7 @@ def calibrate(
     # rot3 is refined only at the end: with small tilts, powder rings fix the tilt's size
     # and direction but hardly the third rotation, which would otherwise wander
     loop_free = [p for p in free if p != "rot3"]
+    notes: list[str] = []
     for _ in range(12):
         geo = prob.geometry(param)
         pts = _extract_points(prob, geo, range(n_rings), halfwidth)
@@ -577,6 +584,8 @@ def calibrate(
             param, points, res, step_free = p3, pts3, res3, free
         else:
             fix = (*fix, "rot3")
+            notes.append(f"rot3 is not determined by the rings (sigma {np.sqrt(cov3[-1, -1]):.2g} rad): "
+                         "kept at 0, as the tilt is described by rot1 and rot2")
     cov = _covariance(res, len(points))
     unc = dict.fromkeys(GEOMETRY_PARAMS, 0.0)
     for i, name in enumerate(step_free):
@@ -608,6 +617,7 @@ def calibrate(
         rms_deg=float(np.rad2deg(np.sqrt(np.mean(resid**2)))),
         calibrant=calibrant,
         fixed=fix,
+        notes=notes,
     )
 
 

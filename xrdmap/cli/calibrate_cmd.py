@@ -82,6 +82,8 @@ def calibrate(
     table.add_row("orientation", str(p.get("detector_config", {}).get("orientation", "")), "", "pyFAI")
     table.add_row("wavelength", f"{p['wavelength'] * 1e10:.6f}", "fixed", "A")
     console.print(table)
+    for note in result.notes:
+        console.print(f"note: {note}")
     console.print(f"wrote {output} and {report_path}")
 
 
