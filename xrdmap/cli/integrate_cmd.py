@@ -45,7 +45,7 @@ def integrate(
     I and sigma are corrected for solid angle, polarization and flat field, with the dark
     subtracted, and divided by the monitor of each point when the scan has one. Pixels
     that are NaN/inf in a frame are left out of that frame and counted in
-    ``masked_pixels``. The result file is written only once everything succeeded.
+    masked_pixels. The result file is written only once everything succeeded.
     """
     from xrdmap.integrate import integrate_scan
     from xrdmap.io import open_scan
