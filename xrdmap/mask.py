@@ -33,26 +33,13 @@ __all__ = [
 
 
 def _read_array(path: str | Path, what: str = "image") -> np.ndarray:
-    """Read one 2-D image (EDF/TIFF/CBF/NPY/HDF5 via xrdmap.io, else fabio/numpy)."""
+    """Read one 2-D image with :func:`xrdmap.io.read_image`, naming ``what`` in errors."""
+    from xrdmap.io import read_image
+
     p = Path(path)
     if not p.is_file():
-        raise InputError(f"{what} {str(p)!r} does not exist (expected an image file: EDF, TIFF, CBF, NPY)")
-    try:
-        from xrdmap.io import read_image
-    except ImportError:
-        read_image = None
-    if read_image is not None:
-        arr = np.asarray(read_image(p))
-    else:
-        try:
-            if p.suffix.lower() == ".npy":
-                arr = np.load(p, allow_pickle=False)
-            else:
-                import fabio
-
-                arr = fabio.open(str(p)).data
-        except Exception as exc:
-            raise InputError(f"{what} {str(p)!r} could not be read as an image: {exc}") from None
+        raise InputError(f"{what} {str(p)!r} does not exist (expected an image file: EDF, TIFF, CBF, NPY, HDF5)")
+    arr = np.asarray(read_image(p))
     if arr.ndim == 3 and arr.shape[0] == 1:
         arr = arr[0]
     if arr.ndim != 2:
