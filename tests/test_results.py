@@ -121,3 +121,20 @@ def test_outputs_follow_the_umask(tmp_path, result):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_export_columns_round_trip_through_the_text_reader(tmp_path, result):
+    from xrdmap.results import export_columns
+    from xrdmap.textio import read_columns
+
+    files = export_columns(result, tmp_path, kind="xy")
+    assert [f.name for f in files[:2]] == ["point_0000.xy", "point_0001.xy"]
+    assert len(files) == result.sizes["point"]
+    cols = read_columns(files[3])
+    np.testing.assert_allclose(cols[:, 0], result["q"].values, rtol=1e-8)
+    np.testing.assert_allclose(cols[:, 1], result["iq"][3].values, rtol=1e-8)
+    np.testing.assert_allclose(cols[:, 2], result["iq_sigma"][3].values, rtol=1e-6)
+    header = files[3].read_text().split("#### start data")[0]
+    assert "position = 0.3" in header
+    with pytest.raises(InputError, match="'gr'"):
+        export_columns(result, tmp_path, kind="gr")

@@ -18,7 +18,7 @@ import xarray as xr
 
 from xrdmap.errors import InputError, OutputError
 
-__all__ = ["atomic_output", "save_result", "open_result", "provenance"]
+__all__ = ["atomic_output", "save_result", "open_result", "provenance", "export_columns"]
 
 
 @contextlib.contextmanager
@@ -164,6 +164,7 @@ def save_result(ds: xr.Dataset, path: str | Path) -> Path:
     if not isinstance(ds, xr.Dataset):
         raise InputError(f"save_result expected an xarray.Dataset, got {type(ds).__name__}")
     target = Path(path)
+    ds = ds.compute()  # one pass over a lazy dataset, not one per variable
     with atomic_output(target) as tmp, h5py.File(tmp, "w") as fh:
         fh.attrs["NX_class"] = "NXroot"
         fh.attrs["creator"] = "xrdmap"
@@ -271,3 +272,60 @@ def _xrdmap_version() -> str:
     from xrdmap import __version__
 
     return __version__
+
+
+# --------------------------------------------------------------------------------------
+# column text exports
+# --------------------------------------------------------------------------------------
+
+_EXPORTS = {
+    # kind: (variable, x dimension, uncertainty variable, file suffix)
+    "xy": ("iq", "q", "iq_sigma", ".xy"),
+    "chi": ("iq", "q", "iq_sigma", ".chi"),
+    "sq": ("sq", "q", "sq_sigma", ".sq"),
+    "fq": ("fq", "q", "fq_sigma", ".fq"),
+    "gr": ("gr", "r", "gr_sigma", ".gr"),
+}
+
+
+def export_columns(ds: xr.Dataset, outdir: str | Path, *, kind: str = "xy", stem: str = "point") -> list[Path]:
+    """Write one column text file per scan point, with a header of every parameter.
+
+    ``kind`` is ``xy``/``chi`` (Q, I(Q), sigma), ``sq``, ``fq`` or ``gr``; the files are
+    named ``<stem>_<index>.<kind>`` and read by PDFgetX3, PDFgui and ``xrdmap pdf``. The
+    header records the point's position/time and the result's processing parameters.
+    """
+    from xrdmap.textio import write_columns
+
+    if kind not in _EXPORTS:
+        raise InputError(f"export kind {kind!r}: expected one of {', '.join(_EXPORTS)}")
+    var, xdim, sig, suffix = _EXPORTS[kind]
+    if var not in ds:
+        raise InputError(f"export {kind!r} needs the variable {var!r}, which this result does not have")
+    out = Path(outdir)
+    if not out.is_dir():
+        raise OutputError(f"export directory {str(out)!r} does not exist")
+    data = ds[var].transpose(..., xdim)
+    sigma = ds[sig].transpose(..., xdim) if sig in ds else None
+    config = ds.attrs.get("configuration") or {}
+    params: dict[str, Any] = {}
+    if kind in ("sq", "fq", "gr"):
+        params.update({k: v for k, v in (config.get("pdf") or {}).items() if k != "enabled"})
+    integration = config.get("integration") or {}
+    params.update({f"integration_{k}": v for k, v in integration.items()})
+    x = ds[xdim].values
+    points = data["point"].values if "point" in data.dims else [None]
+    width = max(4, len(str(len(points))))
+    written = []
+    for i, _ in enumerate(points):
+        row = data.isel(point=i) if "point" in data.dims else data
+        point_params = dict(params)
+        for c in ("position", "time", "monitor"):
+            if c in row.coords and row[c].ndim == 0:
+                point_params[c] = float(row[c])
+        dy = None
+        if sigma is not None:
+            dy = (sigma.isel(point=i) if "point" in sigma.dims else sigma).values
+        path = out / f"{stem}_{i:0{width}d}{suffix}"
+        written.append(write_columns(path, x, row.values, kind=kind, params=point_params, dy=dy))
+    return written
