@@ -325,9 +325,14 @@ def test_cli_integrate_writes_result(tmp_path, scan_files, ai, frames, extras):
     out = tmp_path / "result.h5"
     res = CliRunner().invoke(app, ["integrate", str(scan), "--poni", str(poni), "--mask", str(mask),
                                    "--npt", str(NPT), "--q-range", "1,10", "--frames-path",
-                                   "entry/data/data", "--positions", "0,0.25", "-o", str(out)])
+                                   "entry/data/data", "--positions", "0,0.25", "-o", str(out),
+                                   "--export-dir", str(tmp_path)])
     assert res.exit_code == 0, res.output
     ds = open_result(out)
+    from xrdmap.textio import read_columns
+
+    cols = read_columns(tmp_path / "point_0002.xy")
+    np.testing.assert_allclose(cols[:, 1], ds["iq"].values[2], rtol=1e-8)
     assert ds["iq"].shape == (4, NPT)
     np.testing.assert_allclose(ds["position"].values, [0.0, 0.25, 0.5, 0.75])
     ref = _pyfai(ai, frames[2], mask=extras["mask"])

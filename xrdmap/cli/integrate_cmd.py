@@ -39,6 +39,9 @@ def integrate(
     output: Path = typer.Option(..., "--output", "-o", help="Result file (NeXus/HDF5) to write."),
     workers: int = typer.Option(0, "--workers", help="Local dask worker processes; 0 = in this process."),
     scheduler: str | None = typer.Option(None, "--scheduler", help="Address of a running dask scheduler."),
+    export_dir: Path | None = typer.Option(
+        None, "--export-dir", help="Also write each point's I(Q) as a .xy text file into this folder."
+    ),
 ) -> None:
     """Azimuthally integrate every frame of a scan into I(Q) and sigma(Q) (pyFAI bbox/CSR).
 
@@ -54,6 +57,8 @@ def integrate(
     out_dir = output.parent if str(output.parent) else Path(".")
     if not out_dir.is_dir():
         raise OutputError(f"output {str(output)!r}: directory {str(out_dir)!r} does not exist")
+    if export_dir is not None and not export_dir.is_dir():
+        raise OutputError(f"--export-dir {str(export_dir)!r} is not an existing directory")
     if workers < 0:
         raise InputError(f"--workers {workers}: expected 0 (in this process) or a positive number")
     q = parse_range(q_range, "--q-range")
@@ -77,6 +82,11 @@ def integrate(
     ds.attrs.update(provenance({k: (str(v) if isinstance(v, Path) else v) for k, v in config.items()},
                                inputs=[p for p in inputs if Path(p).is_file()]))
     save_result(ds, output)
+    if export_dir is not None:
+        from xrdmap.results import export_columns
+
+        files = export_columns(ds, export_dir, kind="xy")
+        console.print(f"wrote {len(files)} .xy files to {export_dir}")
     n_bad = int(ds["masked_pixels"].sum())
     note = f"; {n_bad} NaN/inf pixels left out" if n_bad else ""
     console.print(f"[green]integrated[/] {ds.sizes['point']} frames x {ds.sizes['q']} Q bins in "
