@@ -171,11 +171,14 @@ def test_synthetic_calibration_recovers_known_geometry():
         assert abs(res.poni[name] - truth[name]) < 4 * res.uncertainties[name]
 
 
-def test_fixed_parameters_stay_at_guess(image):
+def test_fixed_parameters_and_mask_are_respected(image):
     x, y = reference_center_px()
+    mask = np.zeros(image.shape, np.uint8)
+    mask[:, :400] = 1
     res = calibrate(image, calibrant="CeO2", wavelength_A=WAVELENGTH_A, detector="Pilatus1M", orientation="TopRight",
                     guess_distance_mm=REF["dist"] * 1e3, guess_center_px=(x, y), fix=("dist", "rot1", "rot2", "rot3"),
-                    max_rings=4)
+                    max_rings=4, mask=mask)
+    assert res.control_points[:, 1].min() >= 400
     assert res.poni["dist"] == REF["dist"]
     assert res.poni["rot1"] == 0 and res.poni["rot2"] == 0
     assert res.uncertainties["dist"] == 0
