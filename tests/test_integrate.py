@@ -394,3 +394,41 @@ def test_real_ceo2_frame():
         win = np.abs(res.q - q_hkl) < 0.05
         q_peak = res.q[win][np.argmax(res.iq[win])]
         assert abs(q_peak - q_hkl) <= 1.5 * bin_width
+
+
+# ---- sigma clipping for spotty frames ------------------------------------------------------
+
+
+def test_sigma_clipping_removes_planted_spots(ai, extras):
+    """Spots from large crystallites are rejected; the powder average is what remains."""
+    rng = np.random.default_rng(11)
+    q_true = np.linspace(0.5, 12.0, 800)
+    profile = 200.0 + 400.0 * np.exp(-0.5 * ((q_true - 4.0) / 0.1) ** 2)
+    clean = ai.calcfrom1d(q_true, profile, shape=SHAPE, dim1_unit="q_A^-1",
+                          correctSolidAngle=True, polarization_factor=0.99)
+    powder = rng.poisson(clean).astype(np.float32)
+    spotty = powder.copy()
+    spots = rng.choice(powder.size, size=powder.size // 100, replace=False)
+    spotty.flat[spots] += 20 * clean.flat[spots]  # 1 % of pixels lit by big grains
+    scan = xr.DataArray(np.stack([spotty, powder]), dims=("point", "y", "x"))
+
+    plain = integrate_scan(scan, PONI, mask=extras["mask"], npt=NPT, q_range=Q_RANGE).compute()
+    clipped = integrate_scan(scan, PONI, mask=extras["mask"], npt=NPT, q_range=Q_RANGE,
+                             outlier_sigma=4.0).compute()
+    np.testing.assert_allclose(clipped["q"], plain["q"], rtol=1e-12)
+    reference = plain["iq"][1].values  # the spot-free frame, fast path
+    ratio_plain = np.nanmedian(plain["iq"][0].values / reference)
+    ratio_clipped = np.nanmedian(clipped["iq"][0].values / reference)
+    assert ratio_plain > 1.1  # the spots bias the plain mean upwards
+    assert abs(ratio_clipped - 1) < 0.01
+    frac = clipped["rejected_fraction"].values
+    # at least the 1 % planted (pyFAI's clipping also drops pixels the spots' first-pass
+    # mean pushed beyond the threshold); next to nothing on the clean frame
+    assert frac[0] > 0.008
+    assert frac[1] < 0.001
+    assert "rejected_fraction" not in plain
+
+
+def test_sigma_clipping_needs_a_positive_threshold():
+    with pytest.raises(InputError, match="outlier_sigma"):
+        make_spec(PONI, SHAPE, npt=NPT, outlier_sigma=-1)

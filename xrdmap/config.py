@@ -61,6 +61,9 @@ class IntegrationConfig(_Section):
     q_range: Range | None = (0.5, 25.0)
     polarization_factor: float | None = Field(0.99, ge=-1.0, le=1.0)
     error_model: Literal["poisson"] = "poisson"
+    outlier_sigma: float | None = Field(
+        None, gt=0, description="sigma clipping along rings for spotty frames (standard deviations); null: off"
+    )
 
     @field_validator("q_range")
     @classmethod
@@ -279,6 +282,7 @@ integration:
   q_range: [0.5, 25.0]       # A^-1
   polarization_factor: 0.99  # horizontal linear polarisation of the synchrotron beam
   error_model: poisson
+  outlier_sigma: null        # e.g. 5: reject spots of large grains per frame (slower); null: off
 
 background:
   file: null                 # empty container / Kapton: frames file, image or .xy/.chi pattern

@@ -172,6 +172,9 @@ class IntegrationSpec:
         ``"poisson"`` (variance = max(raw counts, 1)) or ``None`` (no sigma).
     mask, dark, flat
         :class:`ArraySource` or ``None``. Mask: non-zero = excluded pixel.
+    outlier_sigma
+        ``None``, or the threshold (in standard deviations) of per-frame sigma clipping
+        along each ring (pyFAI ``sigma_clip_ng``) for spotty or textured frames.
     """
 
     poni_json: str
@@ -183,11 +186,14 @@ class IntegrationSpec:
     mask: ArraySource | None = None
     dark: ArraySource | None = None
     flat: ArraySource | None = None
+    outlier_sigma: float | None = None
     digest: str = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         parts = [self.poni_json, repr(self.shape), repr(self.npt), repr(self.q_range),
                  repr(self.polarization_factor), repr(self.error_model)]
+        if self.outlier_sigma is not None:
+            parts.append(f"clip{self.outlier_sigma!r}")
         parts += [a.digest if a is not None else "-" for a in (self.mask, self.dark, self.flat)]
         object.__setattr__(self, "digest", hashlib.sha256("|".join(parts).encode()).hexdigest())
 
@@ -248,6 +254,7 @@ def make_spec(
     q_range: tuple[float, float] | None = None,
     polarization_factor: float | None = 0.99,
     error_model: str | None = "poisson",
+    outlier_sigma: float | None = None,
 ) -> IntegrationSpec:
     """Validate the integration parameters and bundle them into an :class:`IntegrationSpec`.
 
@@ -269,6 +276,10 @@ def make_spec(
         pyFAI polarization factor in [-1, 1]; ``None`` for no correction.
     error_model
         ``"poisson"`` or ``None``.
+    outlier_sigma
+        Reject, frame by frame, pixels further than this many standard deviations from
+        their ring's mean (pyFAI ``sigma_clip_ng``, up to 5 iterations); ``None``: no
+        rejection (the fast sparse-matrix path).
     """
     from xrdmap.geometry import make_integrator
 
@@ -308,8 +319,14 @@ def make_spec(
             raise InputError(f"{name}{where} has shape {src.shape} but the frames have shape {shape}")
     if q_range is not None:
         q_range = _check_q_range(q_range, ai, shape, npt)
+    if outlier_sigma is not None:
+        outlier_sigma = float(outlier_sigma)
+        if not outlier_sigma > 0:
+            raise InputError(f"outlier_sigma {outlier_sigma}: expected a positive number of standard deviations")
+        if error_model != "poisson":
+            raise InputError("outlier_sigma needs error_model='poisson' (the clipping compares pixels with sigma)")
     return IntegrationSpec(poni_json, shape, int(npt), q_range, polarization_factor, error_model,
-                           sources["mask"], sources["dark"], sources["flat"])
+                           sources["mask"], sources["dark"], sources["flat"], outlier_sigma)
 
 
 def _check_q_range(q_range, ai, shape, npt) -> tuple[float, float]:
@@ -340,13 +357,16 @@ class IntegratedFrames(NamedTuple):
 
     ``q`` (npt,) in A^-1; ``iq`` and ``sigma`` (n, npt) float64, divided by the monitor
     (``sigma`` is ``None`` without an error model); ``masked_pixels`` (n,) int: pixels
-    of the integrated region excluded in that frame only (NaN/inf or the dummy value).
+    of the integrated region excluded in that frame only (NaN/inf or the dummy value);
+    ``rejected_fraction`` (n,): share of valid pixels removed by sigma clipping (``None``
+    without it).
     """
 
     q: np.ndarray
     iq: np.ndarray
     sigma: np.ndarray | None
     masked_pixels: np.ndarray
+    rejected_fraction: np.ndarray | None = None
 
 
 class _Block(NamedTuple):
@@ -373,6 +393,7 @@ class IntegrationEngine:
         from xrdmap.geometry import make_integrator
 
         self.spec = spec
+        self._clip_ai = None  # pyFAI integrator of the sigma-clipping path, built on first use
         self.batch_frames = int(batch_frames)
         self.block_pixels = int(block_pixels)
         shape = spec.shape
@@ -536,6 +557,12 @@ class IntegrationEngine:
         mon = np.ones(n) if monitor is None else np.asarray(monitor, np.float64).reshape(-1)
         if mon.shape != (n,):
             raise InputError(f"monitor has {mon.size} values but there are {n} frames")
+        if self.spec.outlier_sigma is not None:
+            res = self._integrate_clipped(frames, mon)
+            if single:
+                res = IntegratedFrames(res.q, res.iq[0], res.sigma[0], res.masked_pixels[0],
+                                       res.rejected_fraction[0])
+            return res
         variance = self.spec.error_model == "poisson"
         npt = self.spec.npt
         iq = np.empty((n, npt))
@@ -572,6 +599,36 @@ class IntegrationEngine:
             iq, masked = iq[0], masked[0]
             sigma = None if sigma is None else sigma[0]
         return IntegratedFrames(self.q.copy(), iq, sigma, masked)
+
+
+    def _integrate_clipped(self, frames: np.ndarray, mon: np.ndarray) -> IntegratedFrames:
+        """Per-frame sigma clipping along rings (pyFAI ``sigma_clip_ng``): the slow path."""
+        from xrdmap.mask import sigma_clip_profile
+
+        if self._clip_ai is None:
+            from xrdmap.geometry import make_integrator
+
+            self._clip_ai = make_integrator(self.spec.poni)
+        spec = self.spec
+        n = frames.shape[0]
+        iq = np.empty((n, spec.npt))
+        sigma = np.empty((n, spec.npt))
+        masked = np.zeros(n, np.int64)
+        rejected = np.zeros(n)
+        dark = None if spec.dark is None else spec.dark.load()
+        flat = None if spec.flat is None else spec.flat.load()
+        for k in range(n):
+            frame = np.asarray(frames[k], np.float64)
+            masked[k] = int(self._bad_pixels(frame.ravel()).sum())
+            bad = ~np.isfinite(frame)
+            q, iq[k], sigma[k], rejected[k] = sigma_clip_profile(
+                self._clip_ai, np.where(bad, 0.0, frame), npt=spec.npt, q_range=spec.q_range,
+                thres=spec.outlier_sigma, mask=self.static_mask | bad,
+                polarization_factor=spec.polarization_factor, dark=dark, flat=flat,
+            )
+        iq[:, self.empty_bins] = np.nan
+        sigma[:, self.empty_bins] = np.nan
+        return IntegratedFrames(self.q.copy(), iq / mon[:, None], sigma / mon[:, None], masked, rejected)
 
 
 _ENGINES: OrderedDict[str, IntegrationEngine] = OrderedDict()
@@ -618,6 +675,8 @@ def _integrate_block(frames: Any, monitor: np.ndarray, spec: IntegrationSpec) ->
         (frames,) = frames
     res = get_engine(spec).integrate(frames, monitor)
     parts = [res.iq] + ([res.sigma] if res.sigma is not None else []) + [res.masked_pixels[:, None]]
+    if res.rejected_fraction is not None:
+        parts.append(res.rejected_fraction[:, None])
     return np.concatenate(parts, axis=1)
 
 
@@ -633,6 +692,7 @@ def integrate_scan(
     polarization_factor: float | None = 0.99,
     error_model: str | None = "poisson",
     chunk_frames: int | None = None,
+    outlier_sigma: float | None = None,
 ) -> xr.Dataset:
     """Azimuthally integrate every frame of a scan, lazily (one dask task per frame chunk).
 
@@ -656,6 +716,10 @@ def integrate_scan(
     chunk_frames
         Frames per task; default: the scan's own chunks (about 128 MB of frames per task
         for an in-memory stack).
+    outlier_sigma
+        Per-frame sigma clipping along rings for spotty or textured frames (see
+        :func:`make_spec`); adds ``rejected_fraction`` (point). Much slower than the
+        default sparse-matrix path.
 
     Returns
     -------
@@ -679,7 +743,8 @@ def integrate_scan(
     if scan.dtype.kind not in "biuf":
         raise InputError(f"scan frames have dtype {scan.dtype} but numeric frames were expected")
     spec = make_spec(poni, tuple(scan.shape[1:]), mask=mask, dark=dark, flat=flat, npt=npt,
-                     q_range=q_range, polarization_factor=polarization_factor, error_model=error_model)
+                     q_range=q_range, polarization_factor=polarization_factor, error_model=error_model,
+                     outlier_sigma=outlier_sigma)
     n = scan.shape[0]
     if chunk_frames is not None and (int(chunk_frames) < 1):
         raise InputError(f"chunk_frames {chunk_frames}: expected a positive number of frames")
@@ -700,7 +765,8 @@ def integrate_scan(
         monitor = np.ones(n)
     mon = da.from_array(monitor, chunks=(data.chunks[0],))
     has_sigma = spec.error_model is not None
-    width = spec.npt * (2 if has_sigma else 1) + 1
+    clipped = spec.outlier_sigma is not None
+    width = spec.npt * (2 if has_sigma else 1) + 1 + int(clipped)
     # The spec is one graph key: each worker receives it once, builds its engine once.
     from dask import delayed
 
@@ -718,9 +784,13 @@ def integrate_scan(
         "iq": (("point", "q"), packed[:, :npt],
                {"long_name": "I(Q)", "units": "counts per monitor count",
                 "integration_method": ",".join(PYFAI_METHOD)}),
-        "masked_pixels": ("point", packed[:, width - 1].astype(np.int64),
+        "masked_pixels": ("point", packed[:, width - 1 - int(clipped)].astype(np.int64),
                           {"long_name": "pixels excluded in this frame only (NaN/inf/dummy)"}),
     }
+    if clipped:
+        data_vars["rejected_fraction"] = ("point", packed[:, width - 1],
+                                          {"long_name": "fraction of pixels rejected by sigma clipping",
+                                           "threshold_sigma": spec.outlier_sigma})
     if has_sigma:
         data_vars["iq_sigma"] = (("point", "q"), packed[:, npt:2 * npt],
                                  {"long_name": "sigma of I(Q)", "units": "counts per monitor count",
@@ -735,6 +805,7 @@ def integrate_scan(
         "monitor_normalised": "monitor" in scan.coords,
         "pyfai_version": pyFAI.version,
         "integration_spec": spec.digest,
+        "outlier_sigma": spec.outlier_sigma if clipped else "none",
         "mask": _describe(spec.mask), "dark": _describe(spec.dark), "flat": _describe(spec.flat),
     }
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)

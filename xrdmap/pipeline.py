@@ -206,6 +206,7 @@ def _integrate_kwargs(config: RunConfig) -> dict[str, Any]:
         mask=g.mask, dark=g.dark, flat=g.flat, npt=i.npt,
         q_range=tuple(i.q_range) if i.q_range else None,
         polarization_factor=i.polarization_factor, error_model=i.error_model,
+        outlier_sigma=i.outlier_sigma,
     )
 
 
@@ -240,7 +241,7 @@ def integrate_checkpointed(
     except (OSError, ValueError) as exc:
         raise OutputError(f"checkpoint directory {str(ckpt)!r} cannot be written: {getattr(exc, 'strerror', None) or exc}") from None
 
-    names = [n for n in ("iq", "iq_sigma", "masked_pixels") if n in lazy.data_vars]
+    names = [n for n in ("iq", "iq_sigma", "masked_pixels", "rejected_fraction") if n in lazy.data_vars]
     point_chunks = lazy["iq"].chunks[0]
     bounds = np.concatenate([[0], np.cumsum(point_chunks)]).astype(int)
     n_chunks = len(point_chunks)

@@ -39,6 +39,10 @@ def integrate(
     output: Path = typer.Option(..., "--output", "-o", help="Result file (NeXus/HDF5) to write."),
     workers: int = typer.Option(0, "--workers", help="Local dask worker processes; 0 = in this process."),
     scheduler: str | None = typer.Option(None, "--scheduler", help="Address of a running dask scheduler."),
+    sigma_clip: float | None = typer.Option(
+        None, "--sigma-clip", help="Reject pixels beyond N sigma of their ring, frame by frame "
+        "(spotty or textured frames; slower). The rejected share is stored per point."
+    ),
     export_dir: Path | None = typer.Option(
         None, "--export-dir", help="Also write each point's I(Q) as a .xy text file into this folder."
     ),
@@ -70,13 +74,13 @@ def integrate(
                        monitor_path=monitor_path, chunk_frames=chunk_frames)
     pol = None if no_polarization else polarization
     lazy = integrate_scan(frames, poni, mask=mask, dark=dark, flat=flat, npt=npt, q_range=q,
-                          polarization_factor=pol)
+                          polarization_factor=pol, outlier_sigma=sigma_clip)
     t0 = time.perf_counter()
     ds = _compute_with_progress(lazy, workers=workers, scheduler=scheduler)
     inputs = [p for p in (*scan, poni, mask, dark, flat) if p is not None]
     config = {
         "command": "integrate", "scan": scan, "poni": str(poni), "mask": mask, "dark": dark,
-        "flat": flat, "npt": npt, "q_range": list(q) if q else None, "polarization_factor": pol,
+        "flat": flat, "npt": npt, "q_range": list(q) if q else None, "polarization_factor": pol, "outlier_sigma": sigma_clip,
         "frames_path": frames_path, "positions": positions, "monitor_path": monitor_path,
     }
     ds.attrs.update(provenance({k: (str(v) if isinstance(v, Path) else v) for k, v in config.items()},
