@@ -40,7 +40,7 @@ UNASSIGNED = "unassigned"
 #: Peak widths tried: FWHM in Q (A^-1) for ``dim="q"``; isotropic displacement U (A^2)
 #: for ``dim="r"`` (it sets the G(r) peak widths).
 DEFAULT_WIDTHS = {
-    "q": (0.015, 0.03, 0.06, 0.12),
+    "q": (0.015, 0.03, 0.06, 0.12, 0.25, 0.5),
     "r": (0.002, 0.005, 0.01, 0.02),
 }
 
@@ -420,48 +420,61 @@ def _nnls_rss(target: np.ndarray, design: np.ndarray) -> float:
 
 def _refine_on_mixture(target, x, dim, lib, names, stretch, width, bg, stretch_range, refine_width,
                        sweeps=2):
-    """Refine each phase's stretch and width on the whole NNLS model of ``target``.
+    """Refine each phase's stretch, and one common peak width, on the whole NNLS model.
 
     A single reference correlated alone with a mixture is pulled by overlapping peaks of
     the other phases; fitting all of them together (one phase at a time, the others
-    fixed) removes that bias.
+    fixed) removes that bias. Close relatives (LVP, the anti-NASICON phase) can mimic
+    each other with a 1 % stretch, so the descent runs from two starts, the unstretched
+    references and the single-phase stretches, and keeps the better end point. The width
+    is shared by all phases (the instrument dominates it); a per-phase width would let a
+    minor phase broaden into a background-like shape.
+
+    Returns ``(stretch, width, rss)`` dicts and the final residual sum of squares.
     """
-    stretch, width = dict(stretch), dict(width)
-    refs = {n: _simulate(lib[n], x, dim, stretch[n], width[n]) for n in names}
-
-    def rss(n, s, w):
-        others = [refs[m] for m in names if m != n]
-        ref = _simulate(lib[n], x, dim, s, w)
-        return _nnls_rss(target, np.concatenate([np.array([ref, *others]), bg]).T)
-
     grid = 1.0 + np.arange(-stretch_range, stretch_range + 1e-12, 0.0025)
-    for sweep in range(sweeps):
-        for n in names:
-            s0, w0 = stretch[n], width[n]
-            best = rss(n, s0, w0)
-            if sweep == 0:
-                # The single-phase correlation may have locked onto a neighbour's peaks:
-                # scan the whole range once on the full model.
-                values = [rss(n, s, w0) for s in grid]
-                if min(values) < best:
-                    s0, best = float(grid[int(np.argmin(values))]), float(min(values))
-                    stretch[n] = s0
-            lo = max(s0 - 0.004, 1 - stretch_range)
-            hi = min(s0 + 0.004, 1 + stretch_range)
-            res = minimize_scalar(lambda s, n=n, w0=w0: rss(n, s, w0), bounds=(lo, hi), method="bounded",
-                                  options={"xatol": 1e-5})
-            if res.fun < best:
-                stretch[n], best = float(res.x), float(res.fun)
-            if not refine_width:
-                refs[n] = _simulate(lib[n], x, dim, stretch[n], width[n])
-                continue
-            res = minimize_scalar(lambda lw, n=n: rss(n, stretch[n], float(np.exp(lw))),
-                                  bounds=(np.log(w0) - 0.5, np.log(w0) + 0.5), method="bounded",
-                                  options={"xatol": 1e-3})
-            if res.fun < best:
-                width[n] = float(np.exp(res.x))
-            refs[n] = _simulate(lib[n], x, dim, stretch[n], width[n])
-    return stretch, width
+
+    def descend(stretch, width):
+        stretch, width = dict(stretch), float(width)
+        refs = {n: _simulate(lib[n], x, dim, stretch[n], width) for n in names}
+
+        def rss(n, s, w):
+            others = [refs[m] for m in names if m != n]
+            ref = _simulate(lib[n], x, dim, s, w)
+            return _nnls_rss(target, np.concatenate([np.array([ref, *others]), bg]).T)
+
+        def rss_width(w):
+            return _nnls_rss(target, np.concatenate([
+                np.array([_simulate(lib[n], x, dim, stretch[n], w) for n in names]), bg]).T)
+
+        best = rss_width(width)
+        for sweep in range(sweeps):
+            for n in names:
+                s0 = stretch[n]
+                if sweep == 0:
+                    values = [rss(n, s, width) for s in grid]
+                    if min(values) < best:
+                        s0, best = float(grid[int(np.argmin(values))]), float(min(values))
+                        stretch[n] = s0
+                lo = max(s0 - 0.004, 1 - stretch_range)
+                hi = min(s0 + 0.004, 1 + stretch_range)
+                res = minimize_scalar(lambda s, n=n, w=width: rss(n, s, w), bounds=(lo, hi), method="bounded",
+                                      options={"xatol": 1e-5})
+                if res.fun < best:
+                    stretch[n], best = float(res.x), float(res.fun)
+                refs[n] = _simulate(lib[n], x, dim, stretch[n], width)
+            if refine_width:
+                res = minimize_scalar(lambda lw: rss_width(float(np.exp(lw))),
+                                      bounds=(np.log(width) - 0.7, np.log(width) + 0.7), method="bounded",
+                                      options={"xatol": 1e-3})
+                if res.fun < best:
+                    width, best = float(np.exp(res.x)), float(res.fun)
+                refs = {n: _simulate(lib[n], x, dim, stretch[n], width) for n in names}
+        return stretch, width, best
+
+    ends = [descend({n: 1.0 for n in names}, width), descend(stretch, width)]
+    s_best, w_best, _ = min(ends, key=lambda e: e[2])
+    return s_best, {n: w_best for n in names}
 
 
 def phase_fractions(
@@ -498,10 +511,12 @@ def phase_fractions(
         :func:`assign_components` result supplies the values found for each phase.
         Defaults: 1 and the library defaults, or found from the data (below).
     stretch_range : float
-        When > 0 and ``stretch`` is None, the stretch (and, if ``width`` is None, the peak
-        width) of every phase is searched within ``1 +- stretch_range`` by
-        :func:`assign_components` on the scan-mean pattern (one value per phase for the
-        whole scan).
+        When > 0 and ``stretch`` is None, the stretch of every phase is searched within
+        ``1 +- stretch_range`` (and, if ``width`` is None, one peak width common to all
+        phases) on the scan-mean pattern: single-phase correlations first
+        (:func:`assign_components`), then a descent on the full NNLS model from the
+        unstretched references and from those values, keeping the better fit. One value
+        per phase for the whole scan.
     background_terms : int
         Number of smooth background basis functions (0 for none).
     weight : {"mass", "mole"}
@@ -552,13 +567,19 @@ def phase_fractions(
         )
         stretch = {n: float(found["component_phase_stretch"].sel(phase=n)[0]) for n in names}
         refine_width = width is None
-        found_width = {n: float(found["component_phase_width"].sel(phase=n)[0]) for n in names}
-        width = _per_phase(width, names, "width", None)
-        width = {n: found_width[n] if w is None else w for n, w in zip(names, width, strict=True)}
+        if refine_width:
+            # Start the common width from the phase that matches the mean pattern best.
+            top = names[int(np.argmax(found["component_phase_score"].values[0]))]
+            common = float(found["component_phase_width"].sel(phase=top)[0])
+        else:
+            given = _per_phase(width, names, "width", None)
+            common = float(np.median([w for w in given if w is not None]))
         stretch, width = _refine_on_mixture(
-            mean.values[0], x, dim, lib, names, stretch, width, _background_design(x, dim, background_terms),
+            mean.values[0], x, dim, lib, names, stretch, common, _background_design(x, dim, background_terms),
             stretch_range, refine_width,
         )
+        if not refine_width:
+            width = dict(zip(names, _per_phase(width, names, "width", None), strict=True))
     stretches = _per_phase(stretch, names, "stretch", 1.0)
     widths = _per_phase(width, names, "width", None)
     refs = []
