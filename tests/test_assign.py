@@ -187,3 +187,51 @@ def test_errors_name_the_input(lib, q):
         phase_fractions(da.rename(component="point"), lib, weight="volume")
     with pytest.raises(InputError, match=r"\(point, q\)"):
         phase_fractions(np.ones((3, 4)), lib)
+
+
+# ------------------------------------------------- end to end on the scan simulator
+
+
+@pytest.fixture(scope="module")
+def hotspot_truth(tmp_path_factory):
+    """True sample patterns (Bragg + thermal diffuse + Compton) and weight fractions of the
+    simulator's hotspot layout (xrdmap.simulate): an independent ground truth."""
+    import h5py
+
+    from xrdmap.simulate import simulate_scan
+
+    path = simulate_scan("hotspot", tmp_path_factory.mktemp("sim") / "hotspot.h5", points=30, size=128,
+                         seed=1, fwhm_q=0.05)
+    with h5py.File(path, "r") as fh:
+        tr = fh["entry/truth"]
+        q = tr["q"][()]
+        iq = tr["iq"][()]
+        names = [v.decode() if isinstance(v, bytes) else str(v) for v in tr["phase"][()]]
+        fractions = tr["phase_fraction"][()]
+    return xr.DataArray(iq, dims=("point", "q"), coords={"q": q}), names, fractions
+
+
+@pytest.mark.slow
+def test_end_to_end_on_simulated_hotspot(hotspot_truth):
+    from xrdmap.decompose import decompose
+
+    da, names, fractions = hotspot_truth
+    present = [n for n, f in zip(names, fractions.max(axis=0), strict=True) if f > 0.01]
+    assert len(present) == 4
+    rng = np.random.default_rng(0)
+    noisy = da + rng.normal(0, 1, da.shape) * np.sqrt(np.clip(da.values, 0, None))  # counting noise
+    for data in (da, noisy):
+        ds = decompose(data, "q", n_restarts=0)
+        assert ds.attrs["nmf_q_n_components"] == 4
+
+    full = load_library()
+    ds = decompose(da, "q", n_restarts=0)
+    assigned = assign_components(ds["nmf_q_components"], full, dim="q")
+    found = set(assigned.component_phase.values)
+    assert {"LVP", "eps-LiVOPO4", "Li3PO4-gamma"} <= found
+    # LVP-Pbcn and the anti-NASICON model are one framework: either name is right.
+    assert found - {"LVP", "eps-LiVOPO4", "Li3PO4-gamma"} <= {"LVP-Pbcn", "anti-NASICON"}
+
+    pf = phase_fractions(da, {n: full[n] for n in names}, stretch_range=0.03)
+    np.testing.assert_allclose(pf.phase_fraction.values, fractions, atol=0.02)
+    np.testing.assert_allclose(pf.phase_stretch.values, 1.0, atol=0.002)
