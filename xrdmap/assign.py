@@ -65,10 +65,24 @@ def _phases_dict(phases) -> dict:
     return out
 
 
+#: Widest FWHM (A^-1) simulated directly; broader peaks come from Gaussian smoothing of
+#: this one (the simulation sums reflections to 30 FWHM beyond the grid, so a direct 0.5
+#: A^-1 FWHM would need every reflection to Q ~ 30 A^-1).
+_DIRECT_FWHM_Q = 0.06
+
+
 def _simulate(phase, x: np.ndarray, dim: str, stretch: float, width: float) -> np.ndarray:
-    if dim == "q":
+    if dim == "r":
+        return np.asarray(phase.simulate_gr(x, stretch=stretch, u_iso=width), dtype=float)
+    if width <= _DIRECT_FWHM_Q:
         return np.asarray(phase.simulate_iq(x, stretch=stretch, fwhm_q=width), dtype=float)
-    return np.asarray(phase.simulate_gr(x, stretch=stretch, u_iso=width), dtype=float)
+    from scipy.ndimage import gaussian_filter1d
+
+    sigma = np.sqrt(width**2 - _DIRECT_FWHM_Q**2) / (2 * np.sqrt(2 * np.log(2)))
+    step = min(float(np.min(np.diff(np.sort(x)))), _DIRECT_FWHM_Q / 4)
+    grid = np.arange(max(x.min() - 4 * width, 1e-3), x.max() + 4 * width + step, step)
+    fine = np.asarray(phase.simulate_iq(grid, stretch=stretch, fwhm_q=_DIRECT_FWHM_Q), dtype=float)
+    return np.interp(x, grid, gaussian_filter1d(fine, sigma / step, mode="nearest"))
 
 
 def _baseline_basis(x: np.ndarray, n_terms: int) -> np.ndarray:
