@@ -135,14 +135,15 @@ def read_frames(path: Path) -> np.ndarray:
         return fh[FRAMES][()]
 
 
-def corrupt_chunk(path: Path, index: int) -> None:
-    """Overwrite the inside of one stored chunk of the frames with random bytes."""
+def corrupt_chunk(path: Path, index: int, keep: int = 8) -> None:
+    """Overwrite one stored chunk of the frames with random bytes, but its first and
+    last ``keep`` bytes (16 keeps bitshuffle's header, so that LZ4 decodes garbage)."""
     with h5py.File(path, "r") as fh:
         info = fh[FRAMES].id.get_chunk_info(index)
     rng = np.random.default_rng(index)
     with open(path, "r+b") as fh:
-        fh.seek(info.byte_offset + 8)
-        fh.write(rng.integers(0, 256, info.size - 16, dtype=np.uint8).tobytes())
+        fh.seek(info.byte_offset + keep)
+        fh.write(rng.integers(0, 256, info.size - 2 * keep, dtype=np.uint8).tobytes())
 
 
 # --------------------------------------------------------------------------------------
@@ -248,13 +249,37 @@ def test_corrupt_bitshuffle_chunk_crashing_workers_is_a_compute_error(scan, tmp_
     run stops with exit 5 naming the frames."""
     out_path, before = out
     bad = copy_scan(scan, tmp_path / "in")
-    corrupt_chunk(bad, 3)  # simulated scans store one frame per bitshuffle chunk
+    corrupt_chunk(bad, 3, keep=16)  # simulated scans store one frame per bitshuffle chunk
     cfg = write_yaml(tmp_path / "run.yaml", run_config(scan, out_path, scan__source=str(bad),
                                                        compute__workers=2))
     proc = cli("run", cfg)
     line = error_line(proc, 5)
     assert "frames 2..3" in line and str(bad) in line and "died repeatedly" in line
     assert_kept(out_path, before)
+
+
+def test_corrupt_bitshuffle_header_is_an_input_error(scan, tmp_path, out):
+    out_path, before = out
+    bad = copy_scan(scan, tmp_path / "in")
+    corrupt_chunk(bad, 3, keep=8)  # garbled bitshuffle header: the filter reports it
+    line = error_line(cli("integrate", bad, "--poni", bad.with_suffix(".poni"), "-o", out_path), 2)
+    assert str(bad) in line and "frames" in line and "filter returned failure during read" in line
+    assert_kept(out_path, before)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "hdf5plugin's bitshuffle-LZ4 decoder trusts the LZ4 payload: a corrupt chunk whose header is "
+    "intact makes the process reading it die with SIGSEGV, so an in-process `xrdmap integrate` / "
+    "`xrdmap run --workers 0` ends with no message (exit -11). Contained only with worker "
+    "processes (exit 5, see the test above). Needs a safe decoder upstream (hdf5plugin/bitshuffle "
+    "LZ4_decompress_safe) or reading frames in a child process."))
+def test_corrupt_bitshuffle_payload_in_process_is_an_input_error(scan, tmp_path, out):
+    out_path, before = out
+    bad = copy_scan(scan, tmp_path / "in")
+    corrupt_chunk(bad, 3, keep=16)
+    proc = cli("integrate", bad, "--poni", bad.with_suffix(".poni"), "-o", out_path)
+    assert_kept(out_path, before)
+    error_line(proc, 2)
 
 
 # --------------------------------------------------------------------------------------
@@ -726,8 +751,9 @@ def test_worker_killed_mid_integration_gives_identical_numbers(scan, tmp_path):
         def progress(done, total):
             if done == 1 and not killed:
                 busy = [w for w, keys in client.processing().items() if keys] or sorted(before)
+                pid = client.run(os.getpid, workers=[busy[0]])[busy[0]]
                 killed.append(busy[0])
-                client.run(os._exit, 1, workers=[busy[0]], wait=False)
+                os.kill(pid, signal.SIGKILL)
 
         ds = integrate_checkpointed(open_scan(scan, chunk_frames=1), cfg, client=client, progress=progress)
         deadline = time.monotonic() + 60
@@ -743,12 +769,20 @@ def test_worker_killed_mid_integration_gives_identical_numbers(scan, tmp_path):
 # --------------------------------------------------------------------------------------
 
 
+# one frame per chunk; a lighter analysis (two reference phases, NMF in Q only)
+RESUME = dict(scan__chunk_frames=1, phases__names=["LVP", "LATP"], decompose__r_ranges=None,
+              decompose__max_components=3)
+# integrated numbers come from the checkpoints and must be identical; what follows is
+# floating-point work whose last bits may depend on memory alignment (BLAS)
+EXACT = ("iq", "iq_sigma", "masked_pixels", "background")
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(nan_scan, tmp_path_factory) -> tuple[Path, xr.Dataset]:
     """The NaN/inf scan run once without interruption (in-process, through the API)."""
     path, _ = nan_scan
     folder = tmp_path_factory.mktemp("reference")
-    data = run_config(path, folder / "reference.h5", scan__chunk_frames=1)
+    data = run_config(path, folder / "reference.h5", **RESUME)
     outputs = run(validate_config(data))
     return path, open_result(outputs.result)
 
@@ -766,7 +800,7 @@ def _wait_for_chunk(proc: subprocess.Popen, ckpt: Path, timeout: float = 300) ->
 def test_interrupted_run_keeps_checkpoints_and_resumes(uninterrupted, tmp_path, out, sig, code):
     path, reference = uninterrupted
     out_path, before = out
-    cfg = write_yaml(tmp_path / "run.yaml", run_config(path, out_path, scan__chunk_frames=1))
+    cfg = write_yaml(tmp_path / "run.yaml", run_config(path, out_path, **RESUME))
     ckpt = out_path.with_name("result.h5.checkpoint")
     env = {**os.environ, "COLUMNS": "400"}
     proc = subprocess.Popen([sys.executable, "-m", "xrdmap", "run", str(cfg)], stdout=subprocess.PIPE,
@@ -791,7 +825,11 @@ def test_interrupted_run_keeps_checkpoints_and_resumes(uninterrupted, tmp_path, 
     ds = open_result(out_path)
     assert set(ds.data_vars) == set(reference.data_vars)
     for name in reference.data_vars:
-        np.testing.assert_array_equal(ds[name].values, reference[name].values, err_msg=name)
+        got, want = ds[name].values, reference[name].values
+        if name in EXACT or got.dtype.kind not in "fc":
+            np.testing.assert_array_equal(got, want, err_msg=name)
+        else:
+            np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-13, err_msg=name)
     np.testing.assert_array_equal(ds["masked_pixels"].values, reference["masked_pixels"].values)
     assert int(ds["masked_pixels"].sum()) == 10  # the NaN/inf pixels of frames 1 and 4
     assert not ckpt.exists()
@@ -884,6 +922,19 @@ def test_pdfgetx3_cfg_garbage_line_is_named(tmp_path, values, garbage, where):
     message = str(exc.value)
     assert path.name in message
     assert repr(garbage) in message or garbage in message or f"line {at + 1}" in message, message
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "xrdmap/pdf.py read_pdfgetx3_cfg passes configparser's multi-line message through "
+    "(\"...: Source contains parsing errors: 'x.cfg'\\n\\t[line  3]: 'hello world\\n'\"), so the CLI "
+    "prints more than one line. Wanted: one line, e.g. \"x.cfg line 3: 'hello world' is not "
+    "'key = value'\" (format exc.errors / exc.lineno of configparser)."))
+def test_pdfgetx3_cfg_garbage_message_is_one_line(tmp_path):
+    path = tmp_path / "x.cfg"
+    path.write_text("[DEFAULT]\nqmax = 20\nhello world\n")
+    with pytest.raises(ConfigError) as exc:
+        _read_cfg(path)
+    assert "hello world" in str(exc.value) and "\n" not in str(exc.value)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
