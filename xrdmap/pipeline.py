@@ -281,11 +281,12 @@ def integrate_checkpointed(
     elif pending:
         from distributed import KilledWorker, as_completed
 
-        futures = {}
-        for i in pending:
-            # one future per chunk holding all its arrays (they share the frames' tasks)
-            fut = client.compute(dask.delayed(list)(block(i)))
-            futures[fut] = i
+        # One future per chunk holding all its arrays (they share the frames' tasks), all
+        # submitted as one graph: the scheduler then sees the frame reads as root tasks and
+        # queues them, instead of reading chunks far ahead of the integration and holding
+        # them in worker memory (one submission per chunk made peak memory grow with the scan).
+        chunk_futures = client.compute([dask.delayed(list)(block(i)) for i in pending])
+        futures = dict(zip(chunk_futures, pending))
         for fut in as_completed(list(futures)):
             i = futures[fut]
             try:
@@ -559,6 +560,9 @@ def _provenance(config: RunConfig) -> dict[str, Any]:
     small = [config.geometry.poni, config.geometry.mask, config.geometry.dark, config.geometry.flat,
              config.background.file]
     inputs += [p for p in small if p and Path(p).is_file()]
+    # each file once: the background is often the scan file itself, and a checksum reads
+    # the whole file (seconds for a scan of a few GB)
+    inputs = list(dict.fromkeys(str(p) for p in inputs))
     return provenance(json.loads(config.model_dump_json()), inputs=inputs)
 
 
