@@ -817,17 +817,21 @@ def _wait_for_chunk(proc: subprocess.Popen, ckpt: Path, timeout: float = 300) ->
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGKILL, -signal.SIGKILL)])
-def test_interrupted_run_keeps_checkpoints_and_resumes(uninterrupted, tmp_path, out, sig, code):
+@pytest.mark.parametrize("sig, code, workers", [(signal.SIGINT, 130, 0), (signal.SIGKILL, -signal.SIGKILL, 0),
+                                                (signal.SIGINT, 130, 2)])
+def test_interrupted_run_keeps_checkpoints_and_resumes(uninterrupted, tmp_path, out, sig, code, workers):
+    import psutil
+
     path, reference = uninterrupted
     out_path, before = out
-    cfg = write_yaml(tmp_path / "run.yaml", run_config(path, out_path, **RESUME))
+    cfg = write_yaml(tmp_path / "run.yaml", run_config(path, out_path, compute__workers=workers, **RESUME))
     ckpt = out_path.with_name("result.h5.checkpoint")
     env = {**os.environ, "COLUMNS": "400"}
     proc = subprocess.Popen([sys.executable, "-m", "xrdmap", "run", str(cfg)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     try:
         _wait_for_chunk(proc, ckpt)
+        children = psutil.Process(proc.pid).children(recursive=True)  # dask scheduler/workers
         proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=120)
     finally:
@@ -836,6 +840,8 @@ def test_interrupted_run_keeps_checkpoints_and_resumes(uninterrupted, tmp_path, 
     assert proc.returncode == code, stderr[-3000:]
     if sig == signal.SIGINT:
         assert "Traceback" not in stderr
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert alive == [], "worker processes outlived the interrupted run"
     kept = sorted(p.name for p in ckpt.glob("chunk_*.npz"))
     assert kept, "the finished chunks were not kept"
     assert_kept(out_path, before)
