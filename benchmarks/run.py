@@ -1,0 +1,655 @@
+"""xrdmap performance benchmark: engine, streaming run, worker scaling, post-integration.
+
+Run on demand (not part of the tests)::
+
+    .venv/bin/python benchmarks/run.py            # full: 2048 px frames, ~15-20 min
+    .venv/bin/python benchmarks/run.py --quick    # smoke check: 512 px frames, ~1-2 min
+
+Parts (each runs in its own child process, so that peak memory is measured from a
+clean start; select some with ``--parts``):
+
+``engine``
+    One core: xrdmap's batched engine against pyFAI ``integrate1d(method=("bbox", "csr",
+    "cython"))`` and ``integrate1d_legacy`` on the same in-memory float32 frames, npt 3000,
+    Q in A^-1 (reuses ``benchmarks/integrate.py``). Targets: >= 5x and >= 2x.
+``stream``
+    ``xrdmap run`` (:func:`xrdmap.pipeline.run`: integration, background, PDF, NMF in Q
+    and r, phase assignment, fractions, result file, figures, report) on simulated
+    Bitshuffle-LZ4 HDF5 scans of two lengths, against ``integrate_scan`` alone over the
+    same file with the same dask workers. Peak RSS of the process tree (this process +
+    dask nanny and worker processes, sampled every 0.1 s with psutil). Targets: peak
+    <= 2 GB, not growing with the number of frames; end-to-end >= 70 % of the
+    frames/s of integration alone.
+``scaling``
+    Integration of the longer scan on a LocalCluster of 1 and of 2 worker processes
+    (processes=True, threads_per_worker=1; engines built before timing). Target >= 1.7x.
+``post``
+    pdf.transform + decompose (q and r) + assign_components (q and r) + phase_fractions
+    on a synthetic (1000 point x 3000 Q) stack of reference-phase mixtures with noise.
+    Target: < 20 s in total.
+
+All parts run single-threaded per process (OpenMP/BLAS threads = 1, set before numpy is
+imported and checked with threadpoolctl). Ratios are measured within one run and are
+what to compare between machines; absolute numbers depend on the CPU and on whatever
+else the machine is doing (the load average is printed).
+
+Simulated scans are cached in ``--data-dir`` (default ``$TMPDIR/xrdmap-bench``) and
+reused between runs: the 2048 px, 500-frame scan takes several minutes to simulate
+once and about 3.5 GB of disk.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS",
+             "VECLIB_MAXIMUM_THREADS"):
+    os.environ[_var] = "1"
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from datetime import datetime, timezone  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import integrate as ib  # noqa: E402  (benchmarks/integrate.py: frames, pyFAI loops, machine)
+
+PARTS = ("engine", "stream", "scaling", "post")
+LAYOUT = "multilayer"
+GB = 2**30
+QUICK_PHASES = ("LVP", "LATP", "eps-LiVOPO4", "Li3PO4-gamma", "anti-NASICON")
+Q_MIN = 0.6  # A^-1, just outside the beamstop shadow of xrdmap.simulate's panel
+
+
+# --------------------------------------------------------------------------------------
+# helpers shared by the parts
+# --------------------------------------------------------------------------------------
+
+
+class TreeRSS:
+    """Peak memory of this process and all its descendants, sampled in a thread.
+
+    ``peak``: the largest sum of RSS over the tree (pages shared between processes, such
+    as libraries, count once per process: an upper bound). ``peak_pss``: the largest sum
+    of PSS (shared pages split between the processes sharing them: what the tree holds).
+    ``per_process``: the peak RSS of each process (``"main"`` is this one).
+    """
+
+    def __init__(self, interval_s: float = 0.1):
+        import psutil
+
+        self._proc = psutil.Process()
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self.peak = 0
+        self.peak_pss = 0
+        self.peak_procs = 0
+        self.samples = 0
+        self.per_process: dict[int, int] = {}
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        total, total_pss, count = 0, 0, 0
+        for p in [self._proc, *self._proc.children(recursive=True)]:
+            try:
+                info = p.memory_full_info()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            total += info.rss
+            total_pss += getattr(info, "pss", info.rss)
+            count += 1
+            self.per_process[p.pid] = max(self.per_process.get(p.pid, 0), info.rss)
+        if total > self.peak:
+            self.peak, self.peak_procs = total, count
+        self.peak_pss = max(self.peak_pss, total_pss)
+        self.samples += 1
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> TreeRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def describe(self) -> str:
+        """``main X GB + others``: peak RSS per process, largest first after this one."""
+        me = self._proc.pid
+        others = sorted((v for pid, v in self.per_process.items() if pid != me and v > 50 * 2**20), reverse=True)
+        parts = [f"main {self.per_process.get(me, 0) / GB:.2f}"] + [f"{v / GB:.2f}" for v in others]
+        return " + ".join(parts) + " GB"
+
+
+def thread_report() -> str:
+    """Threads of every BLAS/OpenMP pool loaded in this process."""
+    from threadpoolctl import threadpool_info
+
+    pools = [f"{p['internal_api']} {p['num_threads']}" for p in threadpool_info()]
+    return ", ".join(pools) or "no BLAS/OpenMP pools loaded"
+
+
+def worker_threads() -> list:
+    """Run on a dask worker: (api, threads) of its BLAS/OpenMP pools (importable function)."""
+    from threadpoolctl import threadpool_info
+
+    return [(p["internal_api"], p["num_threads"]) for p in threadpool_info()]
+
+
+def machine_line() -> str:
+    import psutil
+
+    ram = psutil.virtual_memory().total / GB
+    return (f"machine: {ib.cpu_model()}, {os.cpu_count()} logical cores, {ram:.1f} GB RAM, "
+            f"load average {os.getloadavg()[0]:.1f}")
+
+
+def versions_line() -> str:
+    import dask
+    import distributed
+    import h5py
+    import hdf5plugin
+    import pyFAI
+    import scipy
+    import sklearn
+
+    import xrdmap
+
+    return (f"python {platform.python_version()}, numpy {np.__version__}, scipy {scipy.__version__}, "
+            f"pyFAI {pyFAI.version}, dask {dask.__version__}, distributed {distributed.__version__}, "
+            f"h5py {h5py.__version__} (HDF5 {h5py.version.hdf5_version}), hdf5plugin {hdf5plugin.version}, "
+            f"scikit-learn {sklearn.__version__}, xrdmap {getattr(xrdmap, '__version__', '?')}")
+
+
+def scan_path(data_dir: Path, size: int, points: int) -> Path:
+    return data_dir / f"scan_{LAYOUT}_{size}px_{points}.h5"
+
+
+def ensure_scan(data_dir: Path, size: int, points: int) -> Path:
+    """The simulated Bitshuffle-LZ4 scan (cached); simulated with xrdmap.simulate if absent."""
+    import h5py
+    import hdf5plugin  # noqa: F401
+
+    from xrdmap.simulate import simulate_scan
+
+    path = scan_path(data_dir, size, points)
+    ok = False
+    if path.is_file() and path.with_suffix(".poni").is_file() and path.with_suffix(".mask.npy").is_file():
+        try:
+            with h5py.File(path, "r") as fh:
+                ok = fh["entry/instrument/detector/data"].shape == (points, size, size)
+        except (OSError, KeyError):
+            ok = False
+    if not ok:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        print(f"simulating {path.name} ({points} frames of {size} x {size} px, cached for later runs) ...",
+              flush=True)
+        t0 = time.perf_counter()
+        simulate_scan(LAYOUT, path, points=points, size=size, seed=0)
+        print(f"  simulated in {time.perf_counter() - t0:.0f} s", flush=True)
+    return path
+
+
+def fmt_gb(nbytes: float) -> str:
+    return f"{nbytes / GB:.2f} GB"
+
+
+# --------------------------------------------------------------------------------------
+# part 1: engine vs pyFAI on one core
+# --------------------------------------------------------------------------------------
+
+
+def part_engine(args) -> dict:
+    import logging
+
+    import dask.array as da
+    import xarray as xr
+    from threadpoolctl import threadpool_limits
+
+    from xrdmap.geometry import make_integrator
+    from xrdmap.integrate import get_engine, integrate_scan, make_spec
+
+    threadpool_limits(1)
+    logging.getLogger("pyFAI").setLevel(logging.ERROR)
+    n, size, npt = args.frames, args.size, args.npt
+    geo = ib.poni(size)
+    ai = make_integrator(geo)
+    mask = ib.make_mask(size)
+    frames = ib.make_frames(ai, n, size)
+    print(f"{n} frames of {size} x {size} float32 in memory, npt {npt}, q in A^-1, polarization "
+          f"{ib.POL}, mask, Poisson errors")
+    spec = make_spec(geo, (size, size), mask=mask, npt=npt, polarization_factor=ib.POL)
+    t0 = time.perf_counter()
+    engine = get_engine(spec)
+    t_build = time.perf_counter() - t0
+    scan = xr.DataArray(da.from_array(frames, chunks=(32, -1, -1)), dims=("point", "y", "x"))
+    lazy = integrate_scan(scan, geo, mask=mask, npt=npt, polarization_factor=ib.POL)
+    runs = {
+        "ng": ib.pyfai_loop(ai, frames, mask, npt, legacy=False),
+        "legacy": ib.pyfai_loop(ai, frames, mask, npt, legacy=True),
+        "engine": lambda: lazy.compute(scheduler="sync"),
+    }
+    print(f"threads in this process: {thread_report()}")
+    lazy.compute(scheduler="sync")  # warm-up: first-call imports and page faults, untimed
+    best, outputs = ib.best_times(runs, args.repeats)
+    iq_ref = np.array([r.intensity for r in outputs["ng"]])
+    sel = np.abs(iq_ref) > 0.01 * np.abs(iq_ref).max(axis=1, keepdims=True)
+    rel = float(np.max(np.abs(outputs["engine"]["iq"].values - iq_ref)[sel] / np.abs(iq_ref[sel])))
+    print(f"engine build (pyFAI CSR + folding, once per process): {t_build:.2f} s, nnz {engine.nnz / 1e6:.1f} M")
+    print(f"best of {args.repeats} interleaved rounds:")
+    print(f"  {'method':46s} {'frames/s':>9s} {'ms/frame':>9s}")
+    for label, key in (("pyFAI integrate1d bbox/csr/cython (poisson)", "ng"),
+                       ("pyFAI integrate1d_legacy bbox/csr/cython", "legacy"),
+                       ("xrdmap engine (integrate_scan, sync, poisson)", "engine")):
+        print(f"  {label:46s} {ib.rate(n, best[key]):9.1f} {1000 * best[key] / n:9.1f}")
+    r_ng, r_legacy = best["ng"] / best["engine"], best["legacy"] / best["engine"]
+    print(f"RATIO engine / integrate1d        : {r_ng:5.1f}x  (target >= 5)   {'PASS' if r_ng >= 5 else 'MISS'}")
+    print(f"RATIO engine / integrate1d_legacy : {r_legacy:5.1f}x  (target >= 2)   {'PASS' if r_legacy >= 2 else 'MISS'}")
+    print(f"agreement with integrate1d (I > 1% of max): max relative difference {rel:.1e}")
+    print(f"peak RSS of this process {ib.peak_rss_mb():.0f} MB (frames {frames.nbytes / 2**20:.0f} MB)")
+    return {"engine_fps": ib.rate(n, best["engine"]), "ng_fps": ib.rate(n, best["ng"]),
+            "legacy_fps": ib.rate(n, best["legacy"]), "ratio_ng": r_ng, "ratio_legacy": r_legacy}
+
+
+# --------------------------------------------------------------------------------------
+# part 2: streaming run
+# --------------------------------------------------------------------------------------
+
+
+def run_config(scan: Path, outdir: Path, workers: int, npt: int, phases: list[str] | None = None):
+    """The configuration ``xrdmap run`` would get for a simulated scan (pipeline.demo_config)."""
+    from xrdmap.config import validate_config
+    from xrdmap.pipeline import demo_config
+
+    cfg = demo_config(scan, outdir, workers=workers)
+    data = json.loads(cfg.model_dump_json())
+    data["integration"]["npt"] = npt
+    # demo_config's Q range starts at 0.5 A^-1, inside the simulated beamstop shadow: its
+    # first bins get no pixel (NaN), and NMF refuses non-finite input anywhere in the pattern.
+    data["integration"]["q_range"] = [Q_MIN, 20.0]
+    data["phases"]["names"] = phases
+    return validate_config(data, "benchmark")
+
+
+#: Functions the pipeline calls (looked up in their modules at call time), timed in the run.
+STAGES = (
+    ("xrdmap.pipeline", "_open_scan", "open scan"),
+    ("xrdmap.cluster", "dask_client", "cluster start"),
+    ("xrdmap.pipeline", "integrate_checkpointed", "integrate frames (+ checkpoints)"),
+    ("xrdmap.pipeline", "_integrated_background", "integrate background"),
+    ("xrdmap.background", "subtract_background", "subtract background"),
+    ("xrdmap.pdf", "transform", "pdf.transform"),
+    ("xrdmap.pdf", "coherence_length", "coherence_length + low_r_ripple"),
+    ("xrdmap.pdf", "low_r_ripple", "coherence_length + low_r_ripple"),
+    ("xrdmap.phases", "load_library", "load phase library"),
+    ("xrdmap.decompose", "decompose", "decompose (q and r)"),
+    ("xrdmap.assign", "assign_components", "assign_components (q and r)"),
+    ("xrdmap.assign", "phase_fractions", "phase_fractions"),
+    ("xrdmap.pipeline", "_provenance", "provenance (input checksums)"),
+    ("xrdmap.results", "save_result", "save result"),
+    ("xrdmap.maps", "save_figures", "figures"),
+    ("xrdmap.report", "write_report", "report"),
+)
+
+
+class StageTimer:
+    """Exclusive wall time of the pipeline's stage functions (a call inside another timed
+    call counts for the inner one only), by patching them in their modules."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+        self._stack: list[float] = []
+        self._saved: list = []
+
+    def _wrap(self, fn, label):
+        import functools
+
+        timer = self
+
+        @functools.wraps(fn)
+        def timed(*a, **k):
+            timer._stack.append(0.0)
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                total = time.perf_counter() - t0
+                inner = timer._stack.pop()
+                timer.times[label] = timer.times.get(label, 0.0) + total - inner
+                if timer._stack:
+                    timer._stack[-1] += total
+        return timed
+
+    def __enter__(self) -> StageTimer:
+        import contextlib
+        import importlib
+
+        for module, name, label in STAGES:
+            mod = importlib.import_module(module)
+            fn = getattr(mod, name)
+            self._saved.append((mod, name, fn))
+            if name == "dask_client":  # a context manager: time its start only
+                def started(*a, _fn=fn, **k):
+                    @contextlib.contextmanager
+                    def cm():
+                        t0 = time.perf_counter()
+                        with _fn(*a, **k) as client:
+                            self.times["cluster start"] = self.times.get("cluster start", 0.0) + time.perf_counter() - t0
+                            yield client
+                    return cm()
+                setattr(mod, name, started)
+            else:
+                setattr(mod, name, self._wrap(fn, label))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for mod, name, fn in reversed(self._saved):
+            setattr(mod, name, fn)
+
+
+def time_pipeline(cfg) -> tuple[float, dict[str, float], TreeRSS]:
+    """Wall time of pipeline.run, exclusive time per stage function, and tree RSS."""
+    from xrdmap import pipeline
+
+    with TreeRSS() as mem, StageTimer() as stages:
+        t0 = time.perf_counter()
+        pipeline.run(cfg)
+        total = time.perf_counter() - t0
+    return total, stages.times, mem
+
+
+def time_integration(cfg) -> tuple[float, TreeRSS, list]:
+    """Wall time of integrate_scan alone over the pipeline's scan, with the pipeline's workers.
+
+    Counted like the pipeline: cluster start, engine build on each worker, every frame.
+    """
+    from xrdmap import pipeline
+    from xrdmap.cluster import dask_client
+    from xrdmap.integrate import integrate_scan
+
+    c = cfg.compute
+    t0 = time.perf_counter()
+    with TreeRSS() as mem, dask_client(workers=c.workers, threads_per_worker=c.threads_per_worker,
+                                       memory_limit=c.memory_limit) as client:
+        scan = pipeline._open_scan(cfg)  # the pipeline's chunking
+        lazy = integrate_scan(scan, cfg.geometry.poni, **pipeline._integrate_kwargs(cfg))
+        if client is None:
+            lazy.compute(scheduler="sync")
+            threads = []
+        else:
+            client.compute(lazy).result()
+            threads = list(client.run(worker_threads).values())
+    return time.perf_counter() - t0, mem, threads
+
+
+def stage_table(stages: dict[str, float], total: float) -> list[str]:
+    lines = [f"    {t:7.1f} s  {label}" for label, t in stages.items()]
+    lines.append(f"    {total - sum(stages.values()):7.1f} s  (rest: dataset assembly, merges, cleanup, shutdown)")
+    return lines
+
+
+def part_stream(args) -> dict:
+    data_dir = Path(args.data_dir)
+    workers = args.workers[-1]
+    res = {}
+    print(f"xrdmap run (pipeline.run: integration + background + PDF + NMF q/r + assignment + fractions "
+          f"+ result + figures + report), {workers} dask worker processes, npt {args.npt}, "
+          f"Q {Q_MIN}-20 A^-1, phases: {', '.join(args.phases) if args.phases else 'the whole shipped library'}")
+    for points in args.stream_points:
+        scan = ensure_scan(data_dir, args.stream_size, points)
+        size_gb = scan.stat().st_size / GB
+        outdir = data_dir / f"run_{args.stream_size}px_{points}"
+        shutil.rmtree(outdir, ignore_errors=True)
+        outdir.mkdir(parents=True)
+        cfg = run_config(scan, outdir, workers, args.npt, args.phases)
+        t_int, mem_int, threads = time_integration(cfg)
+        t_run, stages, mem_run = time_pipeline(cfg)
+        fps_int, fps_run = points / t_int, points / t_run
+        ratio = fps_run / fps_int
+        res[points] = {"t_int": t_int, "t_run": t_run, "peak_run": mem_run.peak, "peak_int": mem_int.peak,
+                       "pss_run": mem_run.peak_pss,
+                       "ratio": ratio, "stages": stages}
+        print(f"\n{points} frames of {args.stream_size} x {args.stream_size} px, Bitshuffle-LZ4 HDF5 "
+              f"{size_gb:.2f} GB ({scan.name})")
+        print(f"  worker threads: {threads}")
+        print(f"  integrate_scan alone (cluster start + engine build + all frames): {t_int:6.1f} s  "
+              f"{fps_int:5.2f} frames/s  peak of tree: RSS {fmt_gb(mem_int.peak)}, PSS {fmt_gb(mem_int.peak_pss)}")
+        print(f"  xrdmap run end to end                                  : {t_run:6.1f} s  "
+              f"{fps_run:5.2f} frames/s  peak of tree: RSS {fmt_gb(mem_run.peak)}, PSS {fmt_gb(mem_run.peak_pss)}")
+        print(f"  peak RSS per process during the run (>50 MB): {mem_run.describe()}; {mem_run.samples} samples")
+        print("  stages of the run (exclusive wall time of each stage function):")
+        print("\n".join(stage_table(stages, t_run)))
+        print(f"  RATIO end-to-end / integration alone: {ratio:5.2f}  (target >= 0.70)   "
+              f"{'PASS' if ratio >= 0.7 else 'MISS'}")
+    small, big = min(res), max(res)
+    peak = max(r["peak_run"] for r in res.values())
+    growth = res[big]["peak_run"] / res[small]["peak_run"]
+    pss = max(r["pss_run"] for r in res.values())
+    print(f"\nPEAK RSS of the process tree during xrdmap run: {fmt_gb(res[small]['peak_run'])} at {small} frames, "
+          f"{fmt_gb(res[big]['peak_run'])} at {big} frames (target <= 2 GB: {'PASS' if peak <= 2 * GB else 'MISS'})")
+    print(f"PEAK PSS of the process tree during xrdmap run: {fmt_gb(res[small]['pss_run'])} at {small} frames, "
+          f"{fmt_gb(res[big]['pss_run'])} at {big} frames (target <= 2 GB: {'PASS' if pss <= 2 * GB else 'MISS'})")
+    print(f"RATIO peak RSS {big} / {small} frames: {growth:5.2f}  (target: not growing, <= 1.15)   "
+          f"{'PASS' if growth <= 1.15 else 'MISS'}")
+    return {str(k): v for k, v in res.items()}
+
+
+# --------------------------------------------------------------------------------------
+# part 3: scaling over worker processes
+# --------------------------------------------------------------------------------------
+
+
+def part_scaling(args) -> dict:
+    import cloudpickle
+    from distributed import Client, LocalCluster
+
+    from xrdmap.integrate import integrate_scan, make_spec
+    from xrdmap.io import open_scan
+
+    cloudpickle.register_pickle_by_value(ib)  # its task helpers live outside an installed package
+    points = max(args.stream_points)
+    scan_file = ensure_scan(Path(args.data_dir), args.stream_size, points)
+    poni = str(scan_file.with_suffix(".poni"))
+    mask = str(scan_file.with_suffix(".mask.npy"))
+    scan = open_scan(str(scan_file), chunk_frames=args.chunk)
+    if args.scaling_frames and args.scaling_frames < points:
+        scan = scan.isel(point=slice(0, args.scaling_frames))
+    n = scan.sizes["point"]
+    kw = dict(mask=mask, npt=args.npt, q_range=(Q_MIN, 20.0))
+    spec = make_spec(poni, tuple(scan.shape[1:]), **kw)
+    print(f"integrate_scan of {n} frames of {args.stream_size} x {args.stream_size} px from "
+          f"{scan_file.name} (Bitshuffle-LZ4, read by the workers), {args.chunk} frames per task, "
+          f"npt {args.npt}; LocalCluster processes=True, threads_per_worker=1; engines built before timing; "
+          f"best of {args.repeats}")
+    times = {}
+    for workers in args.workers:
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+                          memory_limit=None) as cluster, Client(cluster) as client:
+            client.run(ib._single_thread)
+            client.run(ib._build_engine, spec)
+            lazy = integrate_scan(scan, poni, **kw)
+            best, best_cpu = float("inf"), float("nan")
+            for _ in range(args.repeats):
+                c0 = sum(client.run(time.process_time).values())
+                t0 = time.perf_counter()
+                client.compute(lazy).result()
+                wall = time.perf_counter() - t0
+                cpu = sum(client.run(time.process_time).values()) - c0
+                if wall < best:
+                    best, best_cpu = wall, cpu
+            rss = client.run(ib.peak_rss_mb)
+            threads = list(client.run(worker_threads).values())
+        times[workers] = best
+        # CPU seconds of the workers / (wall time x workers): below ~90 % the workers were
+        # waiting for a core (other jobs) or for I/O, not computing.
+        busy = best_cpu / (best * workers)
+        print(f"  {workers} worker process(es): {best:6.1f} s  {n / best:6.2f} frames/s  worker CPU {best_cpu:5.1f} s "
+              f"({1000 * best_cpu / n:.0f} ms/frame, on CPU {100 * busy:3.0f} % of the time)  worker peak RSS "
+              f"{', '.join(f'{v:.0f}' for v in rss.values())} MB")
+        print(f"    threads {threads}")
+    if 1 in times and 2 in times:
+        ratio = times[1] / times[2]
+        print(f"RATIO 2 workers / 1 worker: {ratio:5.2f}x  (target >= 1.7)   {'PASS' if ratio >= 1.7 else 'MISS'}"
+              f"   (load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+    return {str(k): v for k, v in times.items()}
+
+
+# --------------------------------------------------------------------------------------
+# part 4: everything after integration
+# --------------------------------------------------------------------------------------
+
+
+def synthetic_iq(n_points: int, npt: int, seed: int = 0):
+    """(point, q) mixtures of reference phases with a smooth background and Poisson-like noise."""
+    import xarray as xr
+
+    from xrdmap.phases import load_library
+
+    lib = load_library()
+    names = ["LVP", "LATP", "eps-LiVOPO4", "Li3PO4-gamma"]
+    q = np.linspace(0.5, 25.0, npt)
+    refs = np.stack([lib[name].simulate_iq(q, fwhm_q=0.06) for name in names])
+    refs /= refs.max(axis=1, keepdims=True)
+    z = np.linspace(0, 1, n_points)
+    # a multilayer-like profile: LVP-rich edges, LATP centre, two minor phases in bands
+    w = np.stack([np.clip(1.5 - 4 * np.abs(z - 0.5), 0, 1), np.clip(4 * np.abs(z - 0.5) - 0.5, 0, 1),
+                  0.3 * np.exp(-0.5 * ((z - 0.2) / 0.05) ** 2), 0.2 * np.exp(-0.5 * ((z - 0.8) / 0.05) ** 2)], 1)
+    w /= w.sum(axis=1, keepdims=True)
+    rng = np.random.default_rng(seed)
+    iq = 1e4 * (w @ refs + 0.3 * np.exp(-q / 6) + 0.05)
+    iq = iq + np.sqrt(iq) * rng.standard_normal(iq.shape)
+    da = xr.DataArray(iq, dims=("point", "q"), coords={"q": q, "point": np.arange(n_points)}, name="iq")
+    sigma = xr.DataArray(np.sqrt(np.abs(iq)), dims=("point", "q"), coords=da.coords, name="iq_sigma")
+    return da, sigma, lib
+
+
+def part_post(args) -> dict:
+    from threadpoolctl import threadpool_limits
+
+    from xrdmap.assign import assign_components, phase_fractions
+    from xrdmap.decompose import decompose
+    from xrdmap.pdf import transform
+
+    threadpool_limits(1)
+    n, npt = args.post_points, args.npt
+    iq, sigma, lib = synthetic_iq(n, npt)
+    if args.phases:
+        lib = {name: lib[name] for name in args.phases}
+    print(f"synthetic I(Q): {n} points x {npt} Q points (0.5-25 A^-1), mixtures of 4 reference phases + "
+          f"background + noise; library of {len(lib)} phases; defaults of the pipeline; threads: {thread_report()}")
+    times: dict[str, float] = {}
+
+    def timed(label, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        times[label] = time.perf_counter() - t0
+        return out
+
+    pdf = timed("pdf.transform (S, F, G(r), Lorch)", lambda: transform(
+        iq, composition="0.5 Li3V2(PO4)3 + 0.5 Li1.3Al0.3Ti1.7(PO4)3", qmin=0.5, qmax=24.0, qmaxinst=25.0,
+        lorch=True, iq_sigma=sigma))
+    dq = timed("decompose q (1-15 A^-1, auto 2-5)", lambda: decompose(iq, dim="q", x_ranges=[(1.0, 15.0)]))
+    dr = timed("decompose r (1-20 A, auto 2-5)", lambda: decompose(pdf["gr"], dim="r", x_ranges=[(1.0, 20.0)]))
+    timed("assign_components q", lambda: assign_components(dq["nmf_q_components"], lib, dim="q",
+                                                            stretch_range=0.03))
+    timed("assign_components r", lambda: assign_components(dr["nmf_r_components"], lib, dim="r",
+                                                            stretch_range=0.03))
+    timed("phase_fractions q (stretch 3 %)", lambda: phase_fractions(iq, lib, dim="q", stretch_range=0.03))
+    total = sum(times.values())
+    for label, t in times.items():
+        print(f"  {t:7.2f} s  {label}")
+    print(f"  components found: {dq.attrs.get('nmf_q_n_components')} in Q, {dr.attrs.get('nmf_r_n_components')} in r")
+    print(f"TOTAL after integration: {total:6.2f} s  (target < 20 s)   {'PASS' if total < 20 else 'MISS'}")
+    return {"times": times, "total": total}
+
+
+# --------------------------------------------------------------------------------------
+# driver
+# --------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small frames, few frames: a ~1-2 min smoke check")
+    p.add_argument("--frames", type=int, help="in-memory frames of the engine comparison (default 48, quick 8)")
+    p.add_argument("--size", type=int, help="frame side (px) of the engine comparison (default 2048, quick 512)")
+    p.add_argument("--stream-size", type=int, help="frame side (px) of the simulated scans (default 2048, quick 512)")
+    p.add_argument("--stream-points", type=lambda s: [int(v) for v in s.split(",")],
+                   help="frames of the two simulated scans (default 100,500; quick 20,80)")
+    p.add_argument("--workers", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2],
+                   help="worker processes for scaling; the last one also runs the stream part (default 1,2)")
+    p.add_argument("--scaling-frames", type=int, help="frames of the longer scan integrated for scaling "
+                   "(default 200, quick all)")
+    p.add_argument("--post-points", type=int, help="points of the post-integration stack (default 1000, quick 300)")
+    p.add_argument("--phases", type=lambda s: [v.strip() for v in s.split(",")] if s != "all" else [],
+                   help="reference phases used by the pipeline and the post part, comma-separated, or 'all' "
+                   f"(default all; quick {','.join(QUICK_PHASES)})")
+    p.add_argument("--npt", type=int, default=3000)
+    p.add_argument("--chunk", type=int, default=8, help="frames per task in the scaling part")
+    p.add_argument("--repeats", type=int, help="interleaved rounds, best kept (default 3, quick 1)")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument("--data-dir", default=str(Path(os.environ.get("TMPDIR", tempfile.gettempdir())) / "xrdmap-bench"),
+                   help="where simulated scans are cached and runs write their output")
+    p.add_argument("--part", help=argparse.SUPPRESS)  # internal: run one part in this process
+    args = p.parse_args(argv)
+    q = args.quick
+    defaults = {"frames": 8 if q else 48, "size": 512 if q else 2048, "stream_size": 512 if q else 2048,
+                "stream_points": [20, 80] if q else [100, 500], "scaling_frames": None if q else 200,
+                "post_points": 300 if q else 1000, "repeats": 2 if q else 3,
+                "phases": list(QUICK_PHASES) if q else []}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.phases = args.phases or None  # None: the whole shipped library
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.part:
+        result = {"engine": part_engine, "stream": part_stream, "scaling": part_scaling, "post": part_post}[args.part](args)
+        print("RESULT-JSON " + json.dumps(result, default=float), flush=True)
+        return
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        sys.exit(f"--parts: unknown {unknown}; expected some of {', '.join(PARTS)}")
+    print(f"xrdmap benchmark {'(quick) ' if args.quick else ''}{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
+    print(machine_line())
+    print(versions_line())
+    print("OpenMP/BLAS threads: 1 per process (environment set before numpy import; checked with threadpoolctl)")
+    t_all = time.perf_counter()
+    passthrough = list(argv if argv is not None else sys.argv[1:])
+    for i, part in enumerate(parts, 1):
+        print(f"\n=== {i}. {part} " + "=" * 60, flush=True)
+        t0 = time.perf_counter()
+        cmd = [sys.executable, str(Path(__file__).resolve()), *passthrough, "--part", part]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        for line in proc.stdout.splitlines():
+            if not line.startswith("RESULT-JSON "):
+                print(line)
+        if proc.returncode:
+            print(f"part {part} FAILED (exit code {proc.returncode})")
+        print(f"[{part}: {time.perf_counter() - t0:.0f} s, load average {os.getloadavg()[0]:.1f}]", flush=True)
+    print(f"\nall parts: {time.perf_counter() - t_all:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
