@@ -264,11 +264,6 @@ def test_corrupt_bitshuffle_chunk_crashing_workers_is_a_compute_error(scan, tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "xrdmap/cli/integrate_cmd.py _compute_with_progress lets distributed.KilledWorker through: "
-    "`xrdmap integrate --workers 2` on frames that crash their reader exits 1 with a traceback. "
-    "Wanted: catch KilledWorker and raise ComputeError naming the frames (as pipeline."
-    "integrate_checkpointed does), exit 5."))
 def test_integrate_command_with_crashing_workers_is_a_compute_error(scan, tmp_path, out):
     out_path, before = out
     bad = copy_scan(scan, tmp_path / "in")

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from xrdmap.cli._app import app, parse_range
-from xrdmap.errors import InputError, OutputError
+from xrdmap.errors import ComputeError, InputError, OutputError
 
 console = Console(stderr=True)
 
@@ -76,7 +76,7 @@ def integrate(
     lazy = integrate_scan(frames, poni, mask=mask, dark=dark, flat=flat, npt=npt, q_range=q,
                           polarization_factor=pol, outlier_sigma=sigma_clip)
     t0 = time.perf_counter()
-    ds = _compute_with_progress(lazy, workers=workers, scheduler=scheduler)
+    ds = _compute_with_progress(lazy, workers=workers, scheduler=scheduler, source=str(frames.attrs.get("source", source)))
     inputs = [p for p in (*scan, poni, mask, dark, flat) if p is not None]
     config = {
         "command": "integrate", "scan": scan, "poni": str(poni), "mask": mask, "dark": dark,
@@ -97,7 +97,7 @@ def integrate(
                   f"{time.perf_counter() - t0:.1f} s -> {output}{note}", highlight=False)
 
 
-def _compute_with_progress(lazy, *, workers: int, scheduler: str | None):
+def _compute_with_progress(lazy, *, workers: int, scheduler: str | None, source: str = "the scan"):
     """Compute the lazy dataset in this process or on dask workers, with a progress bar."""
     columns = (TextColumn("[bold]integrating[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     n_tasks = len(lazy["iq"].data.chunks[0])
@@ -114,13 +114,21 @@ def _compute_with_progress(lazy, *, workers: int, scheduler: str | None):
 
             with _Tick():
                 return lazy.compute(scheduler="threads")
-        from distributed import as_completed, futures_of
+        from distributed import KilledWorker, as_completed, futures_of
 
         from xrdmap.cluster import dask_client
 
         with dask_client(workers=max(workers, 1), scheduler=scheduler) as client:
             persisted = client.persist(lazy)
-            # one future per chunk of frames: done when that chunk is integrated
-            for _ in as_completed(futures_of(persisted["iq"])):
-                bar.advance(task)
-            return persisted.compute()
+            try:
+                # one future per chunk of frames: done when that chunk is integrated
+                for fut in as_completed(futures_of(persisted["iq"])):
+                    fut.result()
+                    bar.advance(task)
+                return persisted.compute()
+            except KilledWorker as exc:
+                raise ComputeError(
+                    f"integration of {source} failed: the dask workers "
+                    f"reading it died repeatedly ({exc}); expected readable frames (a worker crash "
+                    "usually means corrupt compressed data)"
+                ) from None
