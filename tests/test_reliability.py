@@ -371,11 +371,6 @@ def test_hdf5_with_fewer_frames_than_positions(scan, tmp_path, out):
     assert_kept(out_path, before)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "xrdmap/io.py open_scan auto-detection silently drops NeXus axes whose length differs from "
-    "the frame count: a scan missing its last frame opens with no position and monitor=ones, so "
-    "positions and monitor normalisation are lost without a word. Wanted: InputError naming the "
-    "dataset, e.g. 'position values from /entry/data/position (mm): 8 values but the scan has 7 frames'."))
 def test_hdf5_missing_a_frame_is_noticed_without_explicit_paths(scan, tmp_path):
     bad = _scan_missing_last_frame(scan, tmp_path / "in")
     with pytest.raises(InputError, match="8 values but the scan has 7 frames"):

@@ -959,7 +959,15 @@ def _point_axes(group: h5py.Group, signal: h5py.Dataset, n: int) -> list[h5py.Da
     out = []
     for name in dict.fromkeys(names):
         item = _child(group, name)
-        if isinstance(item, h5py.Dataset) and item.ndim == 1 and item.shape[0] == n:
+        if isinstance(item, h5py.Dataset) and item.ndim == 1:
+            if item.shape[0] != n:
+                # declared as the scan axis of these frames: a length mismatch means frames or
+                # positions are missing, which must not pass silently
+                kind = _axis_kind(item) or "axis"
+                raise InputError(
+                    f"{kind} values from {item.name}: {item.shape[0]} values but the scan has {n} frames "
+                    "(expected one value per frame; a frame or a position is missing)"
+                )
             out.append(item)
     return out
 
@@ -1013,7 +1021,13 @@ def _auto_axes(layout: _Layout, frames: h5py.Dataset, n: int) -> dict[str, tuple
                 break
 
     mons = _unique([_child(g, "data") for g in layout.monitors])
-    mons = [m for m in mons if isinstance(m, h5py.Dataset) and m.ndim == 1 and m.shape[0] == n]
+    mons = [m for m in mons if isinstance(m, h5py.Dataset) and m.ndim == 1]
+    if len(mons) == 1 and mons[0].shape[0] != n and mons[0].shape[0] > 1:
+        raise InputError(
+            f"monitor values from {mons[0].name}: {mons[0].shape[0]} values but the scan has {n} frames "
+            "(expected one value per frame)"
+        )
+    mons = [m for m in mons if m.shape[0] == n]
     if len(mons) == 1:
         found["monitor"] = (_read_small(mons[0], "monitor"), mons[0].name)
     return found
