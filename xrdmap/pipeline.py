@@ -434,7 +434,7 @@ def analyse(
     log: Log = _quiet,
 ) -> xr.Dataset:
     """Background, PDF, NMF, phase assignment and phase fractions on integrated data."""
-    from xrdmap.assign import assign_components, phase_fractions
+    from xrdmap.assign import assign_components
 
     if background is not None:
         from xrdmap.background import subtract_background
@@ -456,6 +456,7 @@ def analyse(
     phases = _phase_library(config)
     decomp: dict[str, xr.Dataset] = {}
     d = config.decompose
+    fractions = None
     for dim, ranges in (("q", d.q_ranges), ("r", d.r_ranges)):
         source = "iq" if dim == "q" else "gr"
         if not ranges or source not in ds:
@@ -468,18 +469,29 @@ def analyse(
             max_components=d.max_components, random_state=d.random_state, smoothness=d.smoothness,
         )
         comps = res[f"nmf_{dim}_components"]
+        gr_kwargs = None
+        if dim == "r":
+            # references terminated and damped as the data: the run's Q range and Lorch
+            # window, and the Q resolution found by the Q-space fit (qdamp = sigma_Q)
+            fractions = fractions if fractions is not None else _fractions(ds, phases, decomp, config)
+            gr_kwargs = _gr_settings(ds, config, fractions)
         assigned = assign_components(
-            comps, phases, dim=dim, stretch_range=config.phases.stretch_range
+            comps, phases, dim=dim, stretch_range=config.phases.stretch_range,
+            max_phases_per_component=MAX_PHASES_PER_COMPONENT, gr_kwargs=gr_kwargs,
         )
         res = res.merge(assigned.rename({v: f"{dim}_{v}" for v in assigned.data_vars}))
         decomp[dim] = res
         ds.attrs.update(res.attrs)  # nmf_{dim}_n_components, _criterion, _x_ranges, ...
         names = ", ".join(str(v) for v in assigned["component_phase"].values)
         log(f"nmf in {dim}: {comps.sizes['component']} components -> {names}")
+        if dim == "q":
+            fractions = _fractions(ds, phases, decomp, config)
     ds = ds.merge(_combine_components(decomp), compat="override", combine_attrs="override")
 
-    fractions = phase_fractions(ds["iq"], phases, dim="q", stretch_range=config.phases.stretch_range)
+    if fractions is None:
+        fractions = _fractions(ds, phases, decomp, config)
     ds = ds.merge(fractions)
+    log(f"phase fractions of {fractions.attrs.get('phase_fraction_selected', 'all library phases')}")
 
     sc = config.series
     if sc.enabled is True or (sc.enabled == "auto" and "time" in ds.coords):
@@ -493,6 +505,53 @@ def analyse(
             log(f"series: amorphous interval from point {desc.attrs['event_onset_point']} "
                 f"to {desc.attrs.get('event_end_point')}")
     return ds
+
+
+#: Phases per NMF component tried by the assignment: components of graded or layered
+#: samples are end-member mixtures of three or four phases.
+MAX_PHASES_PER_COMPONENT = 4
+
+
+def _fractions(ds: xr.Dataset, phases: dict[str, Any], decomp: dict[str, xr.Dataset], config: RunConfig) -> xr.Dataset:
+    """Per-point weight fractions of the phases the scan needs.
+
+    Fitting every library phase to every point lets near-identical structures (LATP and
+    LiTi2(PO4)3, the anti-NASICON and Pbcn LVP frameworks) share one phase's intensity
+    and puts a few per cent of absent phases everywhere. So: one fit with the whole
+    (chosen) library gives every phase's stretch and the common peak width, forward
+    selection (:func:`xrdmap.assign.select_phases`) keeps the phases that lower the
+    scan's residual by >= 10 % each, and the final fit (stretches refined) uses those.
+    With ``phases.names`` set, exactly those phases are fitted. Phases not selected get
+    fraction 0.
+    """
+    from xrdmap.assign import phase_fractions, select_phases
+
+    sr = config.phases.stretch_range
+    full = phase_fractions(ds["iq"], phases, dim="q", stretch_range=sr)
+    if config.phases.names is not None or len(phases) <= 1:
+        return full
+    stretch = {n: float(full["phase_stretch"].sel(phase=n)) for n in phases}
+    width = float(np.nanmedian(full["phase_width"].values))
+    chosen = select_phases(ds["iq"], phases, stretch=stretch, width=width)
+    if not chosen:
+        return full
+    out = phase_fractions(ds["iq"], {n: phases[n] for n in chosen}, dim="q", stretch_range=sr)
+    out = out.reindex(phase=list(phases), fill_value={"phase_fraction": 0.0, "phase_amount": 0.0})
+    out["phase_fraction"] = out["phase_fraction"].where(np.isfinite(out["residual"]))
+    out.attrs["phase_fraction_selected"] = ", ".join(chosen)
+    return out
+
+
+def _gr_settings(ds: xr.Dataset, config: RunConfig, fractions: xr.Dataset) -> dict[str, Any]:
+    p = config.pdf
+    qmax_data = float(ds["q"].max())
+    qmaxinst = min(p.qmaxinst or qmax_data, qmax_data)
+    out: dict[str, Any] = {"qmax": min(p.qmax, qmaxinst), "qmin": p.qmin, "lorch": p.lorch}
+    width = fractions["phase_width"].values
+    width = width[np.isfinite(width)]
+    if width.size:
+        out["qdamp"] = float(np.median(width)) / (2.0 * np.sqrt(2.0 * np.log(2.0)))
+    return out
 
 
 def _lookup(phases: dict[str, Any], name: str, what: str) -> str:
