@@ -315,6 +315,7 @@ class StageTimer:
 
     def __init__(self):
         self.times: dict[str, float] = {}
+        self.hwm: dict[str, float] = {}  # peak RSS of this process (MB) when the stage ended
         self._stack: list[float] = []
         self._saved: list = []
 
@@ -333,6 +334,7 @@ class StageTimer:
                 total = time.perf_counter() - t0
                 inner = timer._stack.pop()
                 timer.times[label] = timer.times.get(label, 0.0) + total - inner
+                timer.hwm[label] = ib.peak_rss_mb()
                 if timer._stack:
                     timer._stack[-1] += total
         return timed
@@ -364,15 +366,16 @@ class StageTimer:
             setattr(mod, name, fn)
 
 
-def time_pipeline(cfg) -> tuple[float, dict[str, float], TreeRSS]:
-    """Wall time of pipeline.run, exclusive time per stage function, and tree RSS."""
+def time_pipeline(cfg) -> tuple[float, dict[str, tuple[float, float]], TreeRSS]:
+    """Wall time of pipeline.run; per stage function its exclusive time (s) and the peak RSS
+    of this process when it ended (MB); tree RSS."""
     from xrdmap import pipeline
 
     with TreeRSS() as mem, StageTimer() as stages:
         t0 = time.perf_counter()
         pipeline.run(cfg)
         total = time.perf_counter() - t0
-    return total, stages.times, mem
+    return total, {k: (t, stages.hwm.get(k, float("nan"))) for k, t in stages.times.items()}, mem
 
 
 def time_integration(cfg) -> tuple[float, TreeRSS, list]:
@@ -399,9 +402,10 @@ def time_integration(cfg) -> tuple[float, TreeRSS, list]:
     return time.perf_counter() - t0, mem, threads
 
 
-def stage_table(stages: dict[str, float], total: float) -> list[str]:
-    lines = [f"    {t:7.1f} s  {label}" for label, t in stages.items()]
-    lines.append(f"    {total - sum(stages.values()):7.1f} s  (rest: dataset assembly, merges, cleanup, shutdown)")
+def stage_table(stages: dict[str, tuple[float, float]], total: float) -> list[str]:
+    lines = [f"    {t:7.1f} s  {label:36s} {hwm:6.0f} MB" for label, (t, hwm) in stages.items()]
+    rest = total - sum(t for t, _ in stages.values())
+    lines.append(f"    {rest:7.1f} s  (rest: dataset assembly, merges, cleanup, shutdown)")
     return lines
 
 
@@ -434,7 +438,8 @@ def part_stream(args) -> dict:
         print(f"  xrdmap run end to end                                  : {t_run:6.1f} s  "
               f"{fps_run:5.2f} frames/s  peak of tree: RSS {fmt_gb(mem_run.peak)}, PSS {fmt_gb(mem_run.peak_pss)}")
         print(f"  peak RSS per process during the run (>50 MB): {mem_run.describe()}; {mem_run.samples} samples")
-        print("  stages of the run (exclusive wall time of each stage function):")
+        print("  stages of the run: exclusive wall time of each stage function, peak RSS of the main process "
+              "when it ended:")
         print("\n".join(stage_table(stages, t_run)))
         print(f"  RATIO end-to-end / integration alone: {ratio:5.2f}  (target >= 0.70)   "
               f"{'PASS' if ratio >= 0.7 else 'MISS'}")
