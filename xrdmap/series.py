@@ -130,6 +130,45 @@ def peak_descriptors(
     return ds
 
 
+def _bspline_basis(q: np.ndarray, spacing: float) -> np.ndarray:
+    """Cubic B-spline basis (nq, nb) on ``q`` with knots every ~``spacing`` A^-1."""
+    from scipy.interpolate import BSpline
+
+    lo, hi = float(q.min()), float(q.max())
+    n = max(1, int(np.ceil((hi - lo) / spacing)))
+    t = np.r_[[lo] * 3, np.linspace(lo, hi, n + 1), [hi] * 3]
+    nb = t.size - 4
+    basis = BSpline(t, np.eye(nb), 3, extrapolate=False)(q)
+    return np.nan_to_num(basis)
+
+
+def _scan_stretches(q, y, wgt, phase, stretches, background, fwhm, eta):
+    """chi^2 and Bragg amplitude of every point for every trial stretch."""
+    chi2 = np.empty((stretches.size, y.shape[1]))
+    amp = np.empty_like(chi2)
+    yw = y * wgt[:, None]
+    for k, s in enumerate(stretches):
+        kwargs = {} if eta is None else {"eta": eta}
+        ref = np.asarray(phase.simulate_iq(q, stretch=float(s), fwhm_q=fwhm, **kwargs), dtype=float)
+        design = np.column_stack([ref / ref.max(), background]) * wgt[:, None]
+        coef, *_ = np.linalg.lstsq(design, yw, rcond=None)
+        chi2[k] = ((yw - design @ coef) ** 2).sum(0)
+        amp[k] = coef[0]
+    return chi2, amp
+
+
+def _parabola_min(chi2: np.ndarray, stretches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    best = np.argmin(chi2, axis=0)
+    inner = np.clip(best, 1, stretches.size - 2)
+    cols = np.arange(chi2.shape[1])
+    c_m, c_0, c_p = chi2[inner - 1, cols], chi2[inner, cols], chi2[inner + 1, cols]
+    denom = c_m - 2 * c_0 + c_p
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shift = np.where(denom > 0, 0.5 * (c_m - c_p) / denom, 0.0)
+    step = stretches[1] - stretches[0]
+    return stretches[inner] + np.clip(shift, -1, 1) * step, best
+
+
 def lattice_scale(
     iq: xr.DataArray,
     phase: Any,
@@ -138,48 +177,81 @@ def lattice_scale(
     stretch_range: float = 0.02,
     step: float = 2e-4,
     fwhm_q: float | None = None,
+    eta: float | None = None,
+    background_spacing: float = 0.8,
+    iq_sigma: xr.DataArray | None = None,
     dim: str = "q",
 ) -> xr.DataArray:
     """Lattice scale (cell-length multiplier) of ``phase`` refined for every point.
 
-    For each trial stretch on a grid of ``step`` over ``1 +- stretch_range``, the
-    reference pattern plus a straight-line background is fitted to all points at once
-    (one least-squares solve with many right-hand sides); the best stretch of each point
-    is refined by a parabola through its three best grid values. The Bragg part of the
-    data is used (the diffuse baseline removed), so amorphous scattering does not pull
-    the fit.
+    Model of each pattern in ``q_range``: ``a * phase.simulate_iq(q, stretch, fwhm_q, eta)``
+    plus a smooth background, a cubic B-spline with knots every ``background_spacing``
+    A^-1 (it takes up thermal-diffuse, Compton, container and amorphous scattering, whose
+    features are broader than the Bragg peaks). For each trial stretch on a grid of
+    ``step`` over ``1 +- stretch_range`` the linear model is solved for all points at
+    once (one weighted least-squares solve with many right-hand sides); the best stretch
+    of each point is refined by a parabola through its three best grid values.
 
-    Returns a DataArray (point) with NaN where the phase is not seen (fit amplitude <= 0).
+    ``fwhm_q`` (A^-1) is the FWHM of the measured peaks (instrument + integration). With
+    None it is fitted: the FWHM minimising chi^2 of the mean pattern of the series (a
+    coarse, then a fine search), stored in the attribute ``fwhm_q``. When amorphous
+    scattering with features at low Q overlaps the Bragg peaks (in-situ flash frames),
+    a range starting above those features (e.g. 4-16 A^-1) refines more accurately.
+
+    Parameters
+    ----------
+    iq : patterns (..., q), Q in A^-1.
+    phase : object with ``simulate_iq(q, *, stretch, fwhm_q, eta)`` and ``name``.
+    q_range : Q range (A^-1) used.
+    stretch_range, step : searched stretches ``1 +- stretch_range`` in steps of ``step``.
+    fwhm_q : peak FWHM (A^-1), or None to fit it.
+    eta : pseudo-Voigt Lorentzian fraction of the reference peaks (None: the phase's default).
+    background_spacing : knot spacing (A^-1) of the spline background.
+    iq_sigma : uncertainties of ``iq``; their rms over points weights each Q bin.
+
+    Returns
+    -------
+    xarray.DataArray
+        Lattice scale (1) per point, NaN where the phase is not seen (fit amplitude <= 0);
+        attributes ``phase``, ``q_range``, ``fwhm_q`` (A^-1).
     """
     _check_q(iq, dim)
+    if background_spacing <= 0:
+        raise InputError(f"background_spacing {background_spacing}: expected a knot spacing > 0 A^-1")
     data = iq.sel({dim: slice(*q_range)}).transpose(..., dim)
     if data.sizes[dim] < 20:
         raise InputError(f"lattice_scale q_range {q_range} holds fewer than 20 points of the pattern")
-    bragg = (data - diffuse_baseline(data, dim=dim)).clip(min=0)
     q = data[dim].values
-    y = np.asarray(bragg.values, dtype=float).reshape(-1, q.size).T  # (nq, npoints)
-    y = np.nan_to_num(y)
+    y = np.nan_to_num(np.asarray(data.values, dtype=float).reshape(-1, q.size).T)  # (nq, npoints)
+    if iq_sigma is not None:
+        sig = iq_sigma.sel({dim: slice(*q_range)}).transpose(..., dim)
+        sig = np.asarray(sig.values, dtype=float).reshape(-1, q.size)
+        rms = np.sqrt(np.nanmean(sig**2, axis=0))
+        ok = np.isfinite(rms) & (rms > 0)
+        wgt = np.where(ok, 1.0 / np.where(ok, rms, 1.0), 0.0)
+        wgt /= wgt[ok].mean() if ok.any() else 1.0
+    else:
+        wgt = np.ones_like(q)
+    background = _bspline_basis(q, background_spacing)
+    if fwhm_q is None:
+        mean = y.mean(axis=1, keepdims=True)
+        coarse = np.arange(1 - stretch_range, 1 + stretch_range + 1e-3, 2e-3)
+
+        def cost(width: float) -> float:
+            chi2, _ = _scan_stretches(q, mean, wgt, phase, coarse, background, width, eta)
+            return float(chi2.min())
+
+        dq = float(np.median(np.diff(q)))
+        widths = np.geomspace(max(2 * dq, 0.03), 1.0, 10)
+        costs = [cost(w) for w in widths]
+        k = int(np.argmin(costs))
+        lo, hi = widths[max(k - 1, 0)], widths[min(k + 1, widths.size - 1)]
+        fine = np.linspace(lo, hi, 7)
+        fwhm_q = float(fine[int(np.argmin([cost(w) for w in fine]))])
     stretches = np.arange(1 - stretch_range, 1 + stretch_range + step / 2, step)
-    design_bg = np.stack([np.ones_like(q), (q - q.mean()) / np.ptp(q)], axis=1)
-    chi2 = np.empty((stretches.size, y.shape[1]))
-    amp = np.empty_like(chi2)
-    kwargs = {} if fwhm_q is None else {"fwhm_q": fwhm_q}
-    for k, s in enumerate(stretches):
-        ref = np.asarray(phase.simulate_iq(q, stretch=float(s), **kwargs), dtype=float)
-        design = np.column_stack([ref / ref.max(), design_bg])
-        coef, *_ = np.linalg.lstsq(design, y, rcond=None)
-        resid = y - design @ coef
-        chi2[k] = (resid**2).sum(0)
-        amp[k] = coef[0]
-    best = np.argmin(chi2, axis=0)
-    inner = np.clip(best, 1, stretches.size - 2)
-    cols = np.arange(y.shape[1])
-    c_m, c_0, c_p = chi2[inner - 1, cols], chi2[inner, cols], chi2[inner + 1, cols]
-    denom = c_m - 2 * c_0 + c_p
-    with np.errstate(invalid="ignore", divide="ignore"):
-        shift = np.where(denom > 0, 0.5 * (c_m - c_p) / denom, 0.0)
-    scale = stretches[inner] + np.clip(shift, -1, 1) * step
-    scale = np.where(amp[best, cols] > 0, scale, np.nan)
+    chi2, amp = _scan_stretches(q, y, wgt, phase, stretches, background, float(fwhm_q), eta)
+    scale, best = _parabola_min(chi2, stretches)
+    scale = np.where(amp[best, np.arange(y.shape[1])] > 0, scale, np.nan)
     other = [d for d in data.dims if d != dim]
     out = xr.DataArray(
         scale.reshape([data.sizes[d] for d in other]),
@@ -187,7 +259,8 @@ def lattice_scale(
         coords={k: v for k, v in data.coords.items() if dim not in v.dims},
         name="lattice_scale",
         attrs={"long_name": f"lattice scale of {getattr(phase, 'name', 'phase')}", "units": "1",
-               "phase": str(getattr(phase, "name", "phase")), "q_range": list(q_range)},
+               "phase": str(getattr(phase, "name", "phase")), "q_range": list(q_range),
+               "fwhm_q": float(fwhm_q)},
     )
     return out
 
@@ -246,6 +319,7 @@ def describe_series(
     phase: Any = None,
     peaks: Sequence[tuple[float, float]] | None = None,
     q_range: tuple[float, float] = (1.0, 15.0),
+    lattice_q_range: tuple[float, float] | None = None,
 ) -> xr.Dataset:
     """All series descriptors of a result dataset, with the events they show.
 
@@ -253,14 +327,17 @@ def describe_series(
     ``lattice_scale`` (point) for ``phase``, and the amorphous-interval events (from the
     coherence length when ``gr`` was computed, else the crystallinity) as attributes
     ``event_onset_point``, ``event_end_point``, ``event_onset_time``, ``event_end_time``,
-    ``event_duration`` of the returned dataset.
+    ``event_duration`` of the returned dataset. ``lattice_q_range`` (A^-1, default
+    ``q_range``) is the range of the lattice fit (:func:`lattice_scale`); the
+    uncertainties ``iq_sigma`` weight it when present.
     """
     out = xr.Dataset()
     out["crystallinity"] = crystallinity_index(ds["iq"], q_range=q_range)
     if peaks:
         out = out.merge(peak_descriptors(ds["iq"], peaks))
     if phase is not None:
-        out["lattice_scale"] = lattice_scale(ds["iq"], phase, q_range=q_range)
+        out["lattice_scale"] = lattice_scale(ds["iq"], phase, q_range=lattice_q_range or q_range,
+                                             iq_sigma=ds.get("iq_sigma"))
     source = ds["coherence_length"] if "coherence_length" in ds else out["crystallinity"]
     events = detect_events(source)
     out.attrs["event_signal"] = str(source.name)
