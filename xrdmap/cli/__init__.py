@@ -15,6 +15,7 @@ from xrdmap.cli import (  # noqa: F401,E402
     phases_cmd,
     plot_cmd,
     run_cmd,
+    series_cmd,
     simulate_cmd,
 )
 from xrdmap.cli._app import app, main
