@@ -109,3 +109,48 @@ def test_bad_windows_are_named():
         peak_descriptors(iq, [(30.0, 31.0)])
     with pytest.raises(InputError, match="dims"):
         detect_events(iq)
+
+
+def _series_dataset():
+    phase = CubicPhase()
+    t = np.arange(30) * 0.01
+    crystalline = np.where((t >= 0.1) & (t < 0.2), 0.2, 1.0)
+    iq = np.stack([hump(Q) + c * phase.simulate_iq(Q) for c in crystalline])
+    return xr.Dataset({"iq": (("point", "q"), iq)}, coords={"q": Q, "time": ("point", t)}), t
+
+
+def test_describe_series_and_plot_mark_the_interval():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from xrdmap.series import describe_series
+    from xrdmap.series_plots import plot_series
+
+    ds, t = _series_dataset()
+    desc = describe_series(ds, peaks=[(2.9, 3.6)])
+    assert desc.attrs["event_onset_point"] == 10 and desc.attrs["event_end_point"] == 20
+    assert desc.attrs["event_onset_time"] == pytest.approx(t[10])
+    fig = plot_series(ds.merge(desc, compat="override").assign_attrs(desc.attrs))
+    axes = fig.axes
+    assert len(axes) == 4  # crystallinity, peak position, width, area
+    assert axes[-1].get_xlabel() == "time (s)"
+    assert any(p.get_xy() is not None for p in axes[0].patches)  # the shaded interval
+
+
+def test_series_cli_prints_events_and_writes_figure(tmp_path):
+    from typer.testing import CliRunner
+
+    from xrdmap.cli import app
+    from xrdmap.results import open_result, save_result
+
+    ds, _ = _series_dataset()
+    save_result(ds, tmp_path / "r.h5")
+    res = CliRunner().invoke(app, ["series", str(tmp_path / "r.h5"), "--peak", "2.9,3.6",
+                                   "-o", str(tmp_path / "s.png"), "--save", str(tmp_path / "d.h5")])
+    assert res.exit_code == 0, res.output
+    assert "# event_onset_point: 10" in res.output and "# event_end_point: 20" in res.output
+    assert (tmp_path / "s.png").stat().st_size > 0
+    out = open_result(tmp_path / "d.h5")
+    assert "crystallinity" in out and out.attrs["event_onset_point"] == 10
+    bad = CliRunner().invoke(app, ["series", str(tmp_path / "r.h5"), "--peak", "3,2"])
+    assert bad.exit_code != 0

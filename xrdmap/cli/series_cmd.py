@@ -42,7 +42,7 @@ def series(
     peaks = [parse_range(p, "--peak") for p in peak]
     desc = describe_series(ds, phase=ph, peaks=peaks or None, q_range=parse_range(q_range, "--q-range"),
                            lattice_q_range=parse_range(lattice_q_range, "--lattice-q-range"))
-    merged = ds.drop_vars([v for v in desc.data_vars if v in ds]).merge(desc, combine_attrs="override")
+    merged = ds.drop_vars([v for v in desc.data_vars if v in ds]).merge(desc, compat="override", combine_attrs="override")
     merged.attrs.update({k: v for k, v in ds.attrs.items() if not k.startswith("event_")})
     merged.attrs.update(desc.attrs)
     axis = "time" if "time" in ds.coords else None
