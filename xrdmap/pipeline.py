@@ -636,6 +636,19 @@ def _write_products(ds: xr.Dataset, config: RunConfig, out_path: Path, log: Log)
         fig_dir = stem.parent / f"{stem.name}_figures"
         fig_dir.mkdir(exist_ok=True)
         figures = save_figures(ds, fig_dir, formats=tuple(config.output.formats))
+        if "crystallinity" in ds:
+            from xrdmap.results import atomic_output
+            from xrdmap.series_plots import plot_series
+
+            fig = plot_series(ds, title=f"{out_path.name}: series descriptors")
+            for fmt in config.output.formats:
+                target = fig_dir / f"series.{fmt}"
+                with atomic_output(target) as tmp:
+                    fig.savefig(tmp, dpi=120, format=fmt)
+                figures.append(target)
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
         log(f"figures: {fig_dir} ({len(figures)} files)")
     if config.output.report:
         from xrdmap.report import write_report
