@@ -754,6 +754,7 @@ def select_phases(
     max_phases: int = 8,
     max_similarity: float = 0.98,
     start: Sequence[str] = (),
+    backward: bool = False,
 ) -> list[str]:
     """Phases needed to explain a whole scan, by forward selection on the NNLS fit.
 
@@ -771,6 +772,10 @@ def select_phases(
     phases : mapping name -> Phase
     stretch, width : as in :func:`phase_fractions` (e.g. from a full-library fit)
     start : phases chosen before the search (e.g. those NMF components were assigned to)
+    backward : instead of forward selection, start from all phases and drop, one at a
+        time, the phase whose loss raises the residual least while the rise stays below
+        ``min_gain``; then of phases that are alike (``max_similarity``) keep the one
+        with the larger total mass. Robust when stretches come from a full-library fit.
     max_similarity : a phase whose reference correlates at least this much (after a
         3-term baseline is removed) with a chosen one is not offered: at this resolution
         the two are one pattern (LATP and LiTi2(PO4)3 correlate at 0.99; the shipped
@@ -819,6 +824,25 @@ def select_phases(
             frac = amount / amount.sum(axis=1, keepdims=True)
         return total, np.nan_to_num(frac)
 
+    if backward:
+        # backward elimination from all phases: drop the phase whose loss raises the
+        # residual least while that rise stays below min_gain (relative)
+        chosen = list(names)
+        current, frac = fit(chosen)
+        while len(chosen) > 1:
+            trials = [(fit([m for m in chosen if m != n])[0], n) for n in chosen]
+            rss, n = min(trials)
+            if rss * (1.0 - min_gain) > current and len(chosen) <= max_phases:
+                break
+            chosen.remove(n)
+            current = rss
+        # of references that are one pattern at this resolution keep the larger mass
+        _, frac = fit(chosen)
+        mass = dict(zip(chosen, frac.sum(axis=0), strict=True))
+        for n in sorted(chosen, key=mass.get):
+            if any(m != n and alike(n, m) and mass[m] >= mass[n] for m in chosen):
+                chosen.remove(n)
+        return chosen
     chosen = [n for n in start if n in lib]
     current, _ = fit(chosen)
     while len(chosen) < max_phases:
