@@ -206,7 +206,7 @@ def _integrate_kwargs(config: RunConfig) -> dict[str, Any]:
         mask=g.mask, dark=g.dark, flat=g.flat, npt=i.npt,
         q_range=tuple(i.q_range) if i.q_range else None,
         polarization_factor=i.polarization_factor, error_model=i.error_model,
-        outlier_sigma=i.outlier_sigma,
+        outlier_sigma=i.outlier_sigma, saturation=i.saturation,
     )
 
 
@@ -490,7 +490,7 @@ def analyse(
 
     if fractions is None:
         fractions = _fractions(ds, phases, decomp, config)
-    ds = ds.merge(fractions)
+    ds = ds.merge(fractions, compat="no_conflicts", join="outer")
     log(f"phase fractions of {fractions.attrs.get('phase_fraction_selected', 'all library phases')}")
 
     sc = config.series
@@ -518,9 +518,10 @@ def _fractions(ds: xr.Dataset, phases: dict[str, Any], decomp: dict[str, xr.Data
     Fitting every library phase to every point lets near-identical structures (LATP and
     LiTi2(PO4)3, the anti-NASICON and Pbcn LVP frameworks) share one phase's intensity
     and puts a few per cent of absent phases everywhere. So: one fit with the whole
-    (chosen) library gives every phase's stretch and the common peak width, forward
-    selection (:func:`xrdmap.assign.select_phases`) keeps the phases that lower the
-    scan's residual by >= 10 % each, and the final fit (stretches refined) uses those.
+    (chosen) library gives every phase's stretch and the common peak width, backward
+    elimination (:func:`xrdmap.assign.select_phases`) keeps the phases whose removal
+    would raise the scan's residual by >= 10 % (of near-identical references, the one with
+    more mass), and the final fit (stretches refined) uses those.
     With ``phases.names`` set, exactly those phases are fitted. Phases not selected get
     fraction 0.
     """
@@ -532,7 +533,7 @@ def _fractions(ds: xr.Dataset, phases: dict[str, Any], decomp: dict[str, xr.Data
         return full
     stretch = {n: float(full["phase_stretch"].sel(phase=n)) for n in phases}
     width = float(np.nanmedian(full["phase_width"].values))
-    chosen = select_phases(ds["iq"], phases, stretch=stretch, width=width)
+    chosen = select_phases(ds["iq"], phases, stretch=stretch, width=width, backward=True)
     if not chosen:
         return full
     out = phase_fractions(ds["iq"], {n: phases[n] for n in chosen}, dim="q", stretch_range=sr)
