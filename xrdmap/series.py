@@ -189,8 +189,9 @@ def lattice_scale(
     A^-1 (it takes up thermal-diffuse, Compton, container and amorphous scattering, whose
     features are broader than the Bragg peaks). For each trial stretch on a grid of
     ``step`` over ``1 +- stretch_range`` the linear model is solved for all points at
-    once (one weighted least-squares solve with many right-hand sides); the best stretch
-    of each point is refined by a parabola through its three best grid values.
+    once (one weighted least-squares solve with many right-hand sides), first in steps of
+    ``5 * step``, then in steps of ``step`` around the coarse minima; the best stretch of
+    each point is refined by a parabola through its three best grid values.
 
     ``fwhm_q`` (A^-1) is the FWHM of the measured peaks (instrument + integration). With
     None it is fitted: the FWHM minimising chi^2 of the mean pattern of the series (a
@@ -242,13 +243,20 @@ def lattice_scale(
             return float(chi2.min())
 
         dq = float(np.median(np.diff(q)))
-        widths = np.geomspace(max(2 * dq, 0.03), 1.0, 10)
+        widths = np.geomspace(max(2 * dq, 0.03), 0.8, 9)
         costs = [cost(w) for w in widths]
         k = int(np.argmin(costs))
         lo, hi = widths[max(k - 1, 0)], widths[min(k + 1, widths.size - 1)]
         fine = np.linspace(lo, hi, 7)
         fwhm_q = float(fine[int(np.argmin([cost(w) for w in fine]))])
-    stretches = np.arange(1 - stretch_range, 1 + stretch_range + step / 2, step)
+    # coarse scan (steps of 5 * step) over the whole range, then a fine scan of ``step``
+    # spanning the coarse minima of all points (wide peaks make each pattern costly)
+    coarse = np.arange(1 - stretch_range, 1 + stretch_range + 2.5 * step, 5 * step)
+    chi2, _ = _scan_stretches(q, y, wgt, phase, coarse, background, float(fwhm_q), eta)
+    best = coarse[np.argmin(chi2, axis=0)]
+    lo = max(1 - stretch_range, float(best.min()) - 10 * step)
+    hi = min(1 + stretch_range, float(best.max()) + 10 * step)
+    stretches = np.arange(lo, hi + step / 2, step)
     chi2, amp = _scan_stretches(q, y, wgt, phase, stretches, background, float(fwhm_q), eta)
     scale, best = _parabola_min(chi2, stretches)
     scale = np.where(amp[best, np.arange(y.shape[1])] > 0, scale, np.nan)
