@@ -64,6 +64,9 @@ class IntegrationConfig(_Section):
     outlier_sigma: float | None = Field(
         None, gt=0, description="sigma clipping along rings for spotty frames (standard deviations); null: off"
     )
+    saturation: float | Literal["auto"] | None = Field(
+        "auto", description="counts at which a pixel saturates; auto: the maximum of unsigned-integer frames"
+    )
 
     @field_validator("q_range")
     @classmethod
@@ -98,6 +101,18 @@ class PDFConfig(_Section):
     rmax: float = Field(30.0, gt=0)
     rstep: float = Field(0.01, gt=0)
     lorch: bool = True
+
+    @field_validator("composition")
+    @classmethod
+    def _composition(cls, v: str) -> str:
+        from xrdmap.composition import parse_composition
+        from xrdmap.errors import InputError
+
+        try:
+            parse_composition(v)
+        except InputError as exc:
+            raise ValueError(str(exc)) from None
+        return v
 
     @model_validator(mode="after")
     def _order(self):
@@ -201,7 +216,7 @@ def _format_errors(exc: ValidationError, source: str) -> str:
     parts = []
     for err in exc.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         parts.append(f"{loc}: {msg}" + (f" (got {err['input']!r})" if err["type"] != "missing" and err["type"] != "extra_forbidden" else ""))
@@ -283,6 +298,7 @@ integration:
   polarization_factor: 0.99  # horizontal linear polarisation of the synchrotron beam
   error_model: poisson
   outlier_sigma: null        # e.g. 5: reject spots of large grains per frame (slower); null: off
+  saturation: auto           # counts at which pixels saturate (left out, counted); auto: 65535 for uint16
 
 background:
   file: null                 # empty container / Kapton: frames file, image or .xy/.chi pattern

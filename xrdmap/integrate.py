@@ -175,6 +175,10 @@ class IntegrationSpec:
     outlier_sigma
         ``None``, or the threshold (in standard deviations) of per-frame sigma clipping
         along each ring (pyFAI ``sigma_clip_ng``) for spotty or textured frames.
+    saturation
+        Counts at or above which a pixel is saturated and left out of its frame;
+        ``"auto"``: the largest value of an unsigned-integer frame type (65535 for the
+        16-bit PerkinElmer panel), nothing for float frames; ``None``: never.
     """
 
     poni_json: str
@@ -187,6 +191,7 @@ class IntegrationSpec:
     dark: ArraySource | None = None
     flat: ArraySource | None = None
     outlier_sigma: float | None = None
+    saturation: float | str | None = "auto"
     digest: str = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -194,6 +199,8 @@ class IntegrationSpec:
                  repr(self.polarization_factor), repr(self.error_model)]
         if self.outlier_sigma is not None:
             parts.append(f"clip{self.outlier_sigma!r}")
+        if self.saturation != "auto":
+            parts.append(f"sat{self.saturation!r}")
         parts += [a.digest if a is not None else "-" for a in (self.mask, self.dark, self.flat)]
         object.__setattr__(self, "digest", hashlib.sha256("|".join(parts).encode()).hexdigest())
 
@@ -255,6 +262,7 @@ def make_spec(
     polarization_factor: float | None = 0.99,
     error_model: str | None = "poisson",
     outlier_sigma: float | None = None,
+    saturation: float | str | None = "auto",
 ) -> IntegrationSpec:
     """Validate the integration parameters and bundle them into an :class:`IntegrationSpec`.
 
@@ -280,6 +288,10 @@ def make_spec(
         Reject, frame by frame, pixels further than this many standard deviations from
         their ring's mean (pyFAI ``sigma_clip_ng``, up to 5 iterations); ``None``: no
         rejection (the fast sparse-matrix path).
+    saturation
+        Saturation level in counts (pixels at or above it are left out of their frame and
+        counted in ``masked_pixels``), ``"auto"`` (the maximum of an unsigned-integer frame
+        type) or ``None``.
     """
     from xrdmap.geometry import make_integrator
 
@@ -325,8 +337,15 @@ def make_spec(
             raise InputError(f"outlier_sigma {outlier_sigma}: expected a positive number of standard deviations")
         if error_model != "poisson":
             raise InputError("outlier_sigma needs error_model='poisson' (the clipping compares pixels with sigma)")
+    if saturation is not None and saturation != "auto":
+        try:
+            saturation = float(saturation)
+        except (TypeError, ValueError):
+            raise InputError(f"saturation {saturation!r}: expected a number of counts, 'auto' or None") from None
+        if not saturation > 0:
+            raise InputError(f"saturation {saturation}: expected a positive number of counts")
     return IntegrationSpec(poni_json, shape, int(npt), q_range, polarization_factor, error_model,
-                           sources["mask"], sources["dark"], sources["flat"], outlier_sigma)
+                           sources["mask"], sources["dark"], sources["flat"], outlier_sigma, saturation)
 
 
 def _check_q_range(q_range, ai, shape, npt) -> tuple[float, float]:
@@ -518,10 +537,20 @@ class IntegrationEngine:
             out[blk.r0:blk.r1] += (blk.w2 if squared else blk.w) @ b
         return out
 
+    def _saturation(self, dtype: np.dtype) -> float | None:
+        """Saturation level for frames of ``dtype`` (see :class:`IntegrationSpec`)."""
+        sat = self.spec.saturation
+        if sat == "auto":
+            return float(np.iinfo(dtype).max) if np.dtype(dtype).kind == "u" else None
+        return sat
+
     def _bad_pixels(self, frame: np.ndarray) -> np.ndarray:
         """Pixels of the integrated region to drop from this frame (flattened bool)."""
         with np.errstate(invalid="ignore"):
             bad = ~np.isfinite(frame)
+            sat = self._saturation(frame.dtype)
+            if sat is not None:
+                bad |= frame >= sat
             dummy, delta, det = self._dummy
             if dummy is not None:
                 d, dd = det.get_dummies(frame.dtype)
@@ -570,6 +599,7 @@ class IntegrationEngine:
         masked = np.zeros(n, np.int64)
         flat = frames.reshape(n, -1)
         check_dummy = self._dummy[0] is not None
+        sat = self._saturation(frames.dtype)
         for s in range(0, n, self.batch_frames):
             x = flat[s:s + self.batch_frames]
             num, var = self._reduce(x, variance=variance)
@@ -577,6 +607,8 @@ class IntegrationEngine:
                 np.sqrt(var, out=var)
             # A non-finite pixel anywhere in the integrated region makes its bins non-finite.
             suspect = ~np.isfinite(num[~self.empty_bins]).all(axis=0)
+            if sat is not None:
+                suspect |= (x >= sat).any(axis=1)
             for k in range(x.shape[0]):
                 bad = None
                 if suspect[k] or check_dummy:
@@ -618,9 +650,13 @@ class IntegrationEngine:
         dark = None if spec.dark is None else spec.dark.load()
         flat = None if spec.flat is None else spec.flat.load()
         for k in range(n):
-            frame = np.asarray(frames[k], np.float64)
-            masked[k] = int(self._bad_pixels(frame.ravel()).sum())
+            raw = np.asarray(frames[k])
+            masked[k] = int(self._bad_pixels(raw.ravel()).sum())
+            frame = raw.astype(np.float64)
             bad = ~np.isfinite(frame)
+            sat = self._saturation(raw.dtype)
+            if sat is not None:
+                bad |= raw >= sat
             q, iq[k], sigma[k], rejected[k] = sigma_clip_profile(
                 self._clip_ai, np.where(bad, 0.0, frame), npt=spec.npt, q_range=spec.q_range,
                 thres=spec.outlier_sigma, mask=self.static_mask | bad,
@@ -693,6 +729,7 @@ def integrate_scan(
     error_model: str | None = "poisson",
     chunk_frames: int | None = None,
     outlier_sigma: float | None = None,
+    saturation: float | str | None = "auto",
 ) -> xr.Dataset:
     """Azimuthally integrate every frame of a scan, lazily (one dask task per frame chunk).
 
@@ -720,6 +757,10 @@ def integrate_scan(
         Per-frame sigma clipping along rings for spotty or textured frames (see
         :func:`make_spec`); adds ``rejected_fraction`` (point). Much slower than the
         default sparse-matrix path.
+    saturation
+        Saturation level in counts, ``"auto"`` (the maximum of unsigned-integer frames) or
+        ``None``; saturated pixels are left out of their frame and counted in
+        ``masked_pixels``.
 
     Returns
     -------
@@ -744,7 +785,7 @@ def integrate_scan(
         raise InputError(f"scan frames have dtype {scan.dtype} but numeric frames were expected")
     spec = make_spec(poni, tuple(scan.shape[1:]), mask=mask, dark=dark, flat=flat, npt=npt,
                      q_range=q_range, polarization_factor=polarization_factor, error_model=error_model,
-                     outlier_sigma=outlier_sigma)
+                     outlier_sigma=outlier_sigma, saturation=saturation)
     n = scan.shape[0]
     if chunk_frames is not None and (int(chunk_frames) < 1):
         raise InputError(f"chunk_frames {chunk_frames}: expected a positive number of frames")
@@ -785,7 +826,7 @@ def integrate_scan(
                {"long_name": "I(Q)", "units": "counts per monitor count",
                 "integration_method": ",".join(PYFAI_METHOD)}),
         "masked_pixels": ("point", packed[:, width - 1 - int(clipped)].astype(np.int64),
-                          {"long_name": "pixels excluded in this frame only (NaN/inf/dummy)"}),
+                          {"long_name": "pixels excluded in this frame only (NaN/inf/dummy/saturated)"}),
     }
     if clipped:
         data_vars["rejected_fraction"] = ("point", packed[:, width - 1],
@@ -806,6 +847,7 @@ def integrate_scan(
         "pyfai_version": pyFAI.version,
         "integration_spec": spec.digest,
         "outlier_sigma": spec.outlier_sigma if clipped else "none",
+        "saturation": spec.saturation if spec.saturation is not None else "none",
         "mask": _describe(spec.mask), "dark": _describe(spec.dark), "flat": _describe(spec.flat),
     }
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)

@@ -545,9 +545,15 @@ def read_pdfgetx3_cfg(path, section: str = "DEFAULT") -> dict:
     parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"))
     try:
         parser.read_string(text, source=str(p))
-    except configparser.Error as exc:
+    except configparser.ParsingError as exc:
+        lineno, line = exc.errors[0] if exc.errors else (None, "")
         raise ConfigError(
-            f"PDFgetX3 configuration {str(p)!r} is not INI text with a [DEFAULT] section: {exc}"
+            f"PDFgetX3 configuration {str(p)!r} line {lineno}: {line.strip()!r} is not 'key = value'"
+        ) from None
+    except configparser.Error as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(
+            f"PDFgetX3 configuration {str(p)!r} is not INI text with a [DEFAULT] section: {first}"
         ) from None
     if section != "DEFAULT" and not parser.has_section(section):
         raise ConfigError(f"PDFgetX3 configuration {str(p)!r} has no [{section}] section")

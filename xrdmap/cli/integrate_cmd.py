@@ -43,6 +43,10 @@ def integrate(
         None, "--sigma-clip", help="Reject pixels beyond N sigma of their ring, frame by frame "
         "(spotty or textured frames; slower). The rejected share is stored per point."
     ),
+    saturation: str = typer.Option(
+        "auto", "--saturation", help="Counts at which pixels saturate (left out of their frame and "
+        "counted); 'auto': the maximum of unsigned-integer frames (65535 for 16-bit); 'none': off."
+    ),
     export_dir: Path | None = typer.Option(
         None, "--export-dir", help="Also write each point's I(Q) as a .xy text file into this folder."
     ),
@@ -74,7 +78,8 @@ def integrate(
                        monitor_path=monitor_path, chunk_frames=chunk_frames)
     pol = None if no_polarization else polarization
     lazy = integrate_scan(frames, poni, mask=mask, dark=dark, flat=flat, npt=npt, q_range=q,
-                          polarization_factor=pol, outlier_sigma=sigma_clip)
+                          polarization_factor=pol, outlier_sigma=sigma_clip,
+                          saturation=None if saturation.lower() == "none" else saturation)
     t0 = time.perf_counter()
     ds = _compute_with_progress(lazy, workers=workers, scheduler=scheduler, source=str(frames.attrs.get("source", source)))
     inputs = [p for p in (*scan, poni, mask, dark, flat) if p is not None]
