@@ -227,8 +227,8 @@ def test_errors_name_the_input():
     with pytest.raises(InputError, match="x ranges"):
         NMFDecomposition(x_ranges=[(40, 50)]).fit(da)
     bad = da.copy()
-    bad[3, 5] = np.nan
-    with pytest.raises(InputError, match="non-finite"):
+    bad[3, :] = np.nan  # a pattern with nothing measured (NaN samples alone are left out)
+    with pytest.raises(InputError, match="no finite value"):
         NMFDecomposition().fit(bad)
     with pytest.raises(InputError, match="negative values"):
         NMFDecomposition(negative="raise").fit(da - 10)
@@ -308,3 +308,24 @@ def test_cli_reads_original_text_file_and_reports_bad_input(tmp_path):
     assert isinstance(result.exception, InputError)
     result = CliRunner().invoke(app, ["decompose", str(DATA), "--components", "many", "-o", str(tmp_path / "o.h5")])
     assert isinstance(result.exception, ConfigError)
+
+
+def test_empty_bins_are_left_out_not_fatal():
+    """Q bins that are NaN (beamstop shadow, beyond the detector) do not stop the fit."""
+    rng = np.random.default_rng(5)
+    q = np.linspace(0.5, 20, 400)
+    basis = np.stack([np.exp(-0.5 * ((q - c) / 0.2) ** 2) for c in (3.0, 5.0, 8.0)])
+    w = rng.dirichlet(np.ones(3), size=30)
+    data = w @ basis + 0.001 * rng.random((30, q.size))
+    clean = xr.DataArray(data, dims=("point", "q"), coords={"q": q})
+    holed = clean.copy()
+    holed[:, :9] = np.nan  # the first bins get no pixels
+    a = decompose(clean, dim="q", x_ranges=[(1, 15)])
+    b = decompose(holed, dim="q", x_ranges=[(1, 15)])
+    assert a.attrs["nmf_q_n_components"] == b.attrs["nmf_q_n_components"] == 3
+    np.testing.assert_allclose(b["nmf_q_weights"], a["nmf_q_weights"], atol=1e-6)
+    assert np.isnan(b["nmf_q_components"][:, :9]).all()
+    everything_missing = holed.copy()
+    everything_missing[4] = np.nan
+    with pytest.raises(InputError, match="no finite value"):
+        decompose(everything_missing, dim="q")

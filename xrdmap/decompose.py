@@ -343,8 +343,15 @@ class NMFDecomposition:
     def _prepare(self, data, x=None, dim=None):
         arr, xv, xdim, da = _as_matrix(data, x, dim)
         if not np.all(np.isfinite(arr)):
-            bad = int(np.sum(~np.isfinite(arr).all(axis=1)))
-            raise InputError(f"NMF input has non-finite values in {bad} patterns: expected finite numbers")
+            # x samples that are NaN in some pattern (e.g. Q bins in the beamstop shadow,
+            # F(Q) beyond qmaxinst) are left out of the fit; a pattern with nothing finite
+            # is an error
+            empty = ~np.isfinite(arr).any(axis=1)
+            if empty.any():
+                raise InputError(
+                    f"NMF input has {int(empty.sum())} pattern(s) with no finite value "
+                    f"(first: point {int(np.flatnonzero(empty)[0])}): expected measured patterns"
+                )
         mode = self.negative
         if mode == "auto":
             mode = "shift" if xdim == "r" else "clip"
@@ -371,7 +378,9 @@ class NMFDecomposition:
         self._check_params()
         arr, xv, xdim, da, mode = self._prepare(data, x, dim)
         ranges = _normalise_ranges(self.x_ranges, xdim, xv)
-        active = _range_mask(xv, ranges)
+        finite = np.isfinite(arr).all(axis=0)
+        active = _range_mask(xv, ranges) & finite
+        arr = np.where(np.isfinite(arr), arr, 0.0)
         if active.sum() < 2:
             raise InputError(
                 f"NMF x ranges {list(ranges)} select {int(active.sum())} of the {xdim} grid "
@@ -493,6 +502,8 @@ class NMFDecomposition:
         total = w.sum(axis=1)
         fractions = w / np.where(total > 0, total, 1.0)[:, None]
         h_full = _solve_components(arr, w) if active.sum() < arr.shape[1] else h
+        if not finite.all():
+            h_full = np.where(finite[None, :], h_full, np.nan)
 
         comp = np.arange(chosen)
         point_coords = _point_coords(da, n_points)
@@ -593,6 +604,8 @@ def cross_validation_errors(
     """
     helper = NMFDecomposition(negative=negative, x_ranges=x_ranges)
     arr, xv, xdim, _, mode = helper._prepare(data, x, dim)
+    finite = np.isfinite(arr).all(axis=0)
+    arr, xv = arr[:, finite], xv[finite]
     active = _range_mask(xv, _normalise_ranges(x_ranges, xdim, xv))
     arr = arr - min(float(arr.min()), 0.0) if mode == "shift" else np.clip(arr, 0.0, None)
     xa = arr[:, active]
