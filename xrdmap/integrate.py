@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 import zlib
 from collections import OrderedDict
@@ -888,6 +889,14 @@ def _q_axis(spec: IntegrationSpec) -> np.ndarray:
         raise InputError("mask excludes every pixel of the detector")
     ends = idx[[np.argmin((pos0 - dpos0)[idx]), np.argmax((pos0 + dpos0)[idx])]]
     pos0_range = None if spec.q_range is None else tuple(v / unit.scale for v in spec.q_range)
-    bins = HistoBBox1d(pos0[ends], dpos0[ends], bins=spec.npt, pos0_range=pos0_range,
-                       allow_pos0_neg=not unit.positive, unit=unit, empty=0.0)
+    # the two extreme pixels may lie outside a requested range: pyFAI then warns that its
+    # (unused) matrix is empty, which says nothing about the bins wanted here
+    quiet = logging.getLogger("pyFAI.ext.sparse_builder")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        bins = HistoBBox1d(pos0[ends], dpos0[ends], bins=spec.npt, pos0_range=pos0_range,
+                           allow_pos0_neg=not unit.positive, unit=unit, empty=0.0)
+    finally:
+        quiet.setLevel(level)
     return np.asarray(bins.bin_centers, np.float64) * unit.scale
