@@ -52,6 +52,7 @@ import scipy.sparse as sp
 import xarray as xr
 
 from xrdmap.errors import InputError
+from xrdmap.results import json_default
 
 __all__ = [
     "PYFAI_METHOD",
@@ -233,16 +234,6 @@ def _poni_dict(poni: Mapping[str, Any] | str | Path) -> dict[str, Any]:
     return dict(poni)
 
 
-def _json_value(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"PONI value of type {type(obj).__name__} is not JSON-serialisable")
-
-
 def _array_source(name: str, value: Any) -> ArraySource | None:
     if value is None or isinstance(value, ArraySource):
         return value
@@ -298,7 +289,7 @@ def make_spec(
 
     cfg = _poni_dict(poni)
     try:
-        poni_json = json.dumps(cfg, sort_keys=True, default=_json_value)
+        poni_json = json.dumps(cfg, sort_keys=True, default=json_default)
     except TypeError as exc:
         raise InputError(f"poni dictionary: {exc}") from None
     ai = make_integrator(cfg)

@@ -108,17 +108,18 @@ def _attr_out(value: Any) -> Any:
         return value
     if isinstance(value, np.ndarray) and value.dtype.kind in "iufb":
         return value
-    return _JSON_PREFIX + json.dumps(value, default=_json_default)
+    return _JSON_PREFIX + json.dumps(value, default=json_default)
 
 
-def _json_default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
+    """``json.dumps`` fallback for numpy scalars/arrays and paths."""
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     if isinstance(obj, Path):
         return str(obj)
-    raise TypeError(f"cannot store {type(obj).__name__} in a result attribute")
+    raise TypeError(f"cannot store a {type(obj).__name__} as JSON")
 
 
 def _attr_in(value: Any) -> Any:

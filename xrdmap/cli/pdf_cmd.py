@@ -41,7 +41,6 @@ def _run_text(
     kinds: list[str],
     output: Path | None,
 ) -> list[Path]:
-    from xrdmap.pdf import transform
     from xrdmap.textio import read_pattern, write_columns
 
     fmt = dict(
@@ -64,22 +63,7 @@ def _run_text(
         iq = iq.drop_vars("sigma", errors="ignore")
         if bg is not None and "sigma" in bg.coords:
             bg = bg.drop_vars("sigma")
-        qmax = params["qmax"] if params["qmax"] is not None else float(iq["q"].max())
-        ds = transform(
-            iq,
-            composition=params["composition"],
-            qmin=params["qmin"],
-            qmax=qmax,
-            qmaxinst=params["qmaxinst"],
-            rpoly=params["rpoly"],
-            rmin=params["rmin"],
-            rmax=params["rmax"],
-            rstep=params["rstep"],
-            lorch=params["lorch"],
-            background=bg,
-            bgscale=params["bgscale"],
-            iq_sigma=sigma,
-        )
+        ds = _transform(iq, params, bg, sigma)
         header = {
             "dataformat": params["dataformat"],
             "inputfile": path.name,
@@ -92,7 +76,7 @@ def _run_text(
             "rpoly": params["rpoly"],
             "qmaxinst": ds.attrs["qmaxinst"],
             "qmin": params["qmin"],
-            "qmax": qmax,
+            "qmax": ds.attrs["qmax"],
             "rmin": params["rmin"],
             "rmax": ds.attrs["rmax"],
             "rstep": params["rstep"],
@@ -135,7 +119,6 @@ def _run_result(
     path: Path, params: dict[str, Any], background: Path | None, output: Path | None
 ) -> Path:
     from xrdmap import results
-    from xrdmap.pdf import transform
     from xrdmap.textio import read_pattern
 
     if not hasattr(results, "open_result"):
@@ -155,22 +138,7 @@ def _run_result(
             wavelength_A=params["wavelength"],
             twothetazero_deg=params["twothetazero"] or 0.0,
         ).drop_vars("sigma", errors="ignore")
-    qmax = params["qmax"] if params["qmax"] is not None else float(ds["q"].max())
-    out = transform(
-        ds["iq"],
-        composition=params["composition"],
-        qmin=params["qmin"],
-        qmax=qmax,
-        qmaxinst=params["qmaxinst"],
-        rpoly=params["rpoly"],
-        rmin=params["rmin"],
-        rmax=params["rmax"],
-        rstep=params["rstep"],
-        lorch=params["lorch"],
-        background=bg,
-        bgscale=params["bgscale"],
-        iq_sigma=ds["iq_sigma"] if "iq_sigma" in ds else None,
-    )
+    out = _transform(ds["iq"], params, bg, ds["iq_sigma"] if "iq_sigma" in ds else None)
     merged = ds.drop_vars([v for v in out.data_vars if v in ds.data_vars]).drop_dims(
         "r", errors="ignore"
     )
@@ -263,3 +231,16 @@ def pdf(
     kinds = _output_types(output_type, cfg)
     for target in _run_text(inputs, params, bg_path, kinds, output):
         typer.echo(f"wrote {target}")
+
+
+def _transform(iq, params: dict, background, sigma):
+    """xrdmap.pdf.transform with the command's parameters (qmax defaults to the data's)."""
+    from xrdmap.pdf import transform
+
+    qmax = params["qmax"] if params["qmax"] is not None else float(iq["q"].max())
+    return transform(
+        iq, composition=params["composition"], qmin=params["qmin"], qmax=qmax,
+        qmaxinst=params["qmaxinst"], rpoly=params["rpoly"], rmin=params["rmin"],
+        rmax=params["rmax"], rstep=params["rstep"], lorch=params["lorch"],
+        background=background, bgscale=params["bgscale"], iq_sigma=sigma,
+    )
