@@ -7,8 +7,8 @@ statistics) and run through :func:`xrdmap.pipeline.run` on
 ``/entry/truth``:
 
 (a) every phase present at >= 15 wt% somewhere is named by some Q-space NMF component
-    (``q_component_phase``; labels of mixtures list several phases) -- expected to
-    fail (xfail, see the note at the test): the NMF components are not phase-like;
+    (``q_component_phase``; labels of mixtures list several phases; NMF runs on the
+    Bragg part, the smooth diffuse scattering taken off first);
 (b) per-point weight fractions (``phase_fraction``) within 0.05 mean absolute error of
     the truth, per phase and overall;
 (c) zone boundaries (:func:`xrdmap.maps.find_zone_boundaries` on ``phase_fraction``
@@ -153,16 +153,19 @@ def test_zone_boundaries_within_one_step(runs, layout):
         )
 
 
-_NMF_XFAIL = pytest.mark.xfail(
-    reason="NMF in Q of a scan whose composition varies little around its mean gives one mean-like "
-    "component and difference-like ones that match no phase or mixture (scores 0.3-0.65; full-library "
-    "NNLS of such a component explains 0.3-0.85): minor end members (LVP-Pbcn 17 %, anti-NASICON, "
-    "eps-LiVOPO4) are not named in Q. The r-space components name more of them.",
+_LVP_LOOKALIKE = pytest.mark.xfail(
+    reason="LVP is named anti-NASICON in Q: at the simulator's 384 px resolution (peaks ~0.25 "
+    "A^-1 wide) the monoclinic LVP and the orthorhombic anti-NASICON model of the same framework "
+    "are nearly indistinguishable, and the Bragg-part NMF component of LVP is labelled with the "
+    "other name. The phase fractions (test (b)) still separate them.",
     strict=False,
 )
 
 
-@pytest.mark.parametrize("layout", [pytest.param(lay, marks=_NMF_XFAIL) for lay in LAYOUTS])
+@pytest.mark.parametrize(
+    "layout",
+    [pytest.param(lay, marks=_LVP_LOOKALIKE) if lay in ("hotspot", "composite") else lay for lay in LAYOUTS],
+)
 def test_major_phases_named_by_nmf_components(runs, layout):
     ds, truth = runs(layout)
     named = set().union(*(_names(v) for v in ds["q_component_phase"].values))

@@ -131,6 +131,10 @@ class DecomposeConfig(_Section):
     max_components: int = Field(5, ge=1)
     random_state: int = 0
     smoothness: float = Field(0.0, ge=0)
+    q_diffuse: Literal["subtract", "keep"] = Field(
+        "subtract", description="subtract the smooth diffuse scattering before NMF in Q, so components are Bragg patterns"
+    )
+    q_diffuse_window_A: float = Field(1.0, gt=0, description="window (A^-1) of the diffuse-baseline opening; wider than the Bragg peaks")
 
     _q = field_validator("q_ranges")(classmethod(lambda cls, v: _check_ranges(v)))
     _r = field_validator("r_ranges")(classmethod(lambda cls, v: _check_ranges(v)))
@@ -326,6 +330,8 @@ decompose:
   max_components: 5
   random_state: 0
   smoothness: 0.0            # > 0: smooth the weights along the scan axis
+  q_diffuse: subtract        # NMF in Q on the Bragg part: the smooth diffuse scattering is taken off first
+  q_diffuse_window_A: 1.0    # width (A^-1) of that baseline: wider than the Bragg peaks
 
 phases:
   names: null                # e.g. [LVP, eps-LiVOPO4, Li3PO4-gamma, LATP, anti-NASICON-doped]; null: all shipped

@@ -545,6 +545,11 @@ def read_pdfgetx3_cfg(path, section: str = "DEFAULT") -> dict:
     parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"))
     try:
         parser.read_string(text, source=str(p))
+    except configparser.MissingSectionHeaderError as exc:
+        raise ConfigError(
+            f"PDFgetX3 configuration {str(p)!r} line {exc.lineno}: expected a [DEFAULT] section header "
+            f"before {exc.line.strip()!r}"
+        ) from None
     except configparser.ParsingError as exc:
         lineno, line = exc.errors[0] if exc.errors else (None, "")
         raise ConfigError(

@@ -463,8 +463,16 @@ def analyse(
             continue
         from xrdmap.decompose import decompose
 
+        data = ds[source]
+        if dim == "q" and d.q_diffuse == "subtract":
+            # the smooth diffuse/self/Compton scattering is common to every point and
+            # would become a component of its own; NMF of the Bragg part gives
+            # components that are the patterns of phases
+            from xrdmap.series import diffuse_baseline
+
+            data = (data - diffuse_baseline(data, window_A=d.q_diffuse_window_A)).clip(min=0)
         res = decompose(
-            ds[source], dim=dim, x_ranges=[tuple(r) for r in ranges],
+            data, dim=dim, x_ranges=[tuple(r) for r in ranges],
             n_components=d.components, min_components=d.min_components,
             max_components=d.max_components, random_state=d.random_state, smoothness=d.smoothness,
         )
