@@ -149,3 +149,17 @@ def test_cli_run_reports_bad_config_with_exit_code_3(tmp_path):
     assert proc.returncode == 3
     assert "integration.npt" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) <= 2
+
+
+def test_a_checkpoint_half_saved_by_a_killed_run_is_removed(small_scan, tmp_path):
+    out = tmp_path / "result.h5"
+    cfg = _config(small_scan, out)
+    ckpt = out.with_name(out.name + ".checkpoint")
+    integrate_checkpointed(_scan(cfg), cfg)
+    half = ckpt / ".chunk_000003.tmp.npz"
+    half.write_bytes(b"PK\x03\x04 cut short by SIGKILL")
+    (ckpt / "chunk_000003.npz").unlink()
+    ds = integrate_checkpointed(_scan(cfg), cfg)
+    assert not half.exists()
+    assert (ckpt / "chunk_000003.npz").is_file()
+    assert ds.sizes["point"] == 12

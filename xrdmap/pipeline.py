@@ -236,6 +236,8 @@ def integrate_checkpointed(
             log(f"checkpoints in {ckpt} belong to other inputs or parameters: discarding them")
             shutil.rmtree(ckpt)
         ckpt.mkdir(exist_ok=True)
+        for stale in ckpt.glob(".chunk_*.tmp.npz"):  # a run killed (SIGKILL) while saving one
+            stale.unlink()
         if not key_file.is_file():
             key_file.write_text(json.dumps({"key": key}))
     except (OSError, ValueError) as exc:
