@@ -160,6 +160,9 @@ class SeriesConfig(_Section):
     phase: str | None = Field(None, description="phase whose lattice scale is refined per point")
     peaks: list[Range] = Field(default_factory=list, description="Q windows (A^-1) of Bragg peaks to follow")
     q_range: Range = (1.0, 15.0)
+    lattice_q_range: Range | None = Field(
+        None, description="Q range (A^-1) of the lattice-scale fit; null: q_range. Start above broad glass humps"
+    )
 
     _p = field_validator("peaks")(classmethod(lambda cls, v: _check_ranges(v)))
 
@@ -344,6 +347,7 @@ series:                     # time series (in-situ, operando): descriptors again
   phase: null                # e.g. LATP: refine its lattice scale for every frame
   peaks: []                  # Q windows of Bragg peaks to follow, e.g. [[1.9, 2.1], [4.2, 4.4]]
   q_range: [1.0, 15.0]
+  lattice_q_range: null      # e.g. [4.0, 16.0]: fit the lattice scale above the glass humps; null: q_range
 
 output:
   path: result.h5            # NeXus result (open with xrdmap.open_result, silx view or h5web)

@@ -166,7 +166,7 @@ def demo_config(scan: Path, outdir: Path, *, workers: int = 2) -> RunConfig:
         "compute": {"workers": workers},
     }
     if has_time:
-        data["series"] = {"enabled": True, "phase": "LATP"}
+        data["series"] = {"enabled": True, "phase": "LATP", "lattice_q_range": [4.0, 16.0]}
     return validate_config(data, f"demo for {scan}")
 
 
@@ -508,7 +508,10 @@ def analyse(
         from xrdmap.series import describe_series
 
         phase = phases[_lookup(phases, sc.phase, "series.phase")] if sc.phase else None
-        desc = describe_series(ds, phase=phase, peaks=[tuple(p) for p in sc.peaks], q_range=tuple(sc.q_range))
+        desc = describe_series(
+            ds, phase=phase, peaks=[tuple(p) for p in sc.peaks], q_range=tuple(sc.q_range),
+            lattice_q_range=tuple(sc.lattice_q_range) if sc.lattice_q_range else None,
+        )
         ds = ds.merge(desc, combine_attrs="no_conflicts")
         ds.attrs.update(desc.attrs)
         if "event_onset_point" in desc.attrs:
