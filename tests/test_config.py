@@ -96,6 +96,11 @@ def test_shipped_workflows_are_valid(path):
         assert (cfg.pdf.qmin, cfg.pdf.qmax) == (0.5, 24.0)
     if path.stem == "slurm":
         assert cfg.compute.cluster == "slurm"
+    # the phase names (aliases included) resolve in the shipped library
+    from xrdmap.pipeline import _phase_library
+
+    chosen = _phase_library(cfg)
+    assert len(chosen) == len(cfg.phases.names or chosen)
 
 
 def test_there_are_three_workflows():

@@ -507,7 +507,7 @@ def analyse(
     if sc.enabled is True or (sc.enabled == "auto" and "time" in ds.coords):
         from xrdmap.series import describe_series
 
-        phase = phases[_lookup(phases, sc.phase, "series.phase")] if sc.phase else None
+        phase = _resolve_phase(phases, sc.phase, "series.phase") if sc.phase else None
         desc = describe_series(
             ds, phase=phase, peaks=[tuple(p) for p in sc.peaks], q_range=tuple(sc.q_range),
             lattice_q_range=tuple(sc.lattice_q_range) if sc.lattice_q_range else None,
@@ -568,11 +568,12 @@ def _gr_settings(ds: xr.Dataset, config: RunConfig, fractions: xr.Dataset) -> di
     return out
 
 
-def _lookup(phases: dict[str, Any], name: str, what: str) -> str:
-    key = {k.lower(): k for k in phases}.get(name.lower())
-    if key is None:
-        raise InputError(f"{what}: unknown phase {name!r}; available: {', '.join(sorted(phases))}")
-    return key
+def _resolve_phase(phases: Any, name: str, what: str) -> Any:
+    """``phases[name]`` through the library's own case-insensitive, alias-aware lookup."""
+    try:
+        return phases[name]
+    except (InputError, KeyError) as exc:
+        raise InputError(f"{what}: {exc}") from None
 
 
 def _pdf(ds: xr.Dataset, config: RunConfig) -> xr.Dataset:
@@ -592,17 +593,15 @@ def _pdf(ds: xr.Dataset, config: RunConfig) -> xr.Dataset:
 
 
 def _phase_library(config: RunConfig) -> dict[str, Any]:
-    from xrdmap.phases import load_library
+    from xrdmap.phases import PhaseLibrary, load_library
 
     lib = load_library(extra=config.phases.extra or None, folder=config.phases.folder)
     if config.phases.names is None:
         return lib
-    chosen = {}
-    for name in config.phases.names:
-        key = _lookup(lib, name, "phases.names")
-        chosen[key] = lib[key]
-    for name in config.phases.extra:
-        chosen[name] = lib[name]
+    chosen = PhaseLibrary()
+    for name in [*config.phases.names, *config.phases.extra]:
+        phase = _resolve_phase(lib, name, "phases.names")
+        chosen[phase.name] = phase
     return chosen
 
 
