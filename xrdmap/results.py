@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import tempfile
@@ -84,7 +83,9 @@ def provenance(config: Mapping[str, Any] | None = None, inputs: Iterable[str | P
             versions[pkg] = version(pkg)
         except PackageNotFoundError:
             continue
-    checksums = {str(p): _sha256(Path(p)) for p in inputs if Path(p).is_file()}
+    from xrdmap.io import file_checksum
+
+    checksums = {str(p): file_checksum(p) for p in inputs if Path(p).is_file()}
     return {
         "software_versions": versions,
         "python": platform.python_version(),
@@ -92,14 +93,6 @@ def provenance(config: Mapping[str, Any] | None = None, inputs: Iterable[str | P
         "configuration": dict(config or {}),
         "input_checksums": checksums,
     }
-
-
-def _sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _attr_out(value: Any) -> Any:
