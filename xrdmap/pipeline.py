@@ -24,7 +24,7 @@ import numpy as np
 import xarray as xr
 
 from xrdmap.config import RunConfig
-from xrdmap.errors import ComputeError, ConfigError, InputError, OutputError
+from xrdmap.errors import ComputeError, InputError, OutputError
 
 __all__ = ["run", "RunOutputs", "integrate_checkpointed", "analyse", "bin_points", "demo_config"]
 
@@ -65,8 +65,6 @@ def run(config: RunConfig, *, log: Log = _quiet, progress: Progress | None = Non
     out_path = Path(config.output.path)
     if not out_path.parent.is_dir():
         raise OutputError(f"output.path {str(out_path)!r}: directory {str(out_path.parent)!r} does not exist")
-    if config.pdf.enabled:
-        _check_composition(config.pdf.composition)
 
     scan = _open_scan(config)
     log(f"scan: {scan.sizes['point']} frames of {scan.sizes['y']} x {scan.sizes['x']} px from {config.scan.source}")
@@ -92,16 +90,6 @@ def run(config: RunConfig, *, log: Log = _quiet, progress: Progress | None = Non
     if not config.output.keep_checkpoints:
         shutil.rmtree(_checkpoint_dir(out_path), ignore_errors=True)
     return outputs
-
-
-def _check_composition(text: str) -> None:
-    """Fail before integrating, not after, when pdf.composition does not parse."""
-    from xrdmap.composition import parse_composition
-
-    try:
-        parse_composition(text)
-    except InputError as exc:
-        raise ConfigError(f"pdf.composition {text!r}: {exc}") from None
 
 
 def _open_scan(config: RunConfig) -> xr.DataArray:
