@@ -8,6 +8,7 @@ hands it to whatever client this returns.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,7 +39,42 @@ def dask_client(
     cluster
         ``"local"`` or ``"slurm"`` (dask-jobqueue's ``SLURMCluster(**slurm)`` scaled to
         ``jobs`` jobs).
+
+    When the work inside fails or is interrupted (Ctrl-C), logging is switched off while
+    the client and cluster close: otherwise distributed and tornado log tracebacks and
+    "Couldn't gather keys" messages from their event loop during the teardown, which are
+    harmless but bury the one-line error the CLI prints. Logging is restored afterwards,
+    so a notebook session carries on as before.
     """
+    previous: int | None = None
+    try:
+        with _open_client(
+            workers=workers, threads_per_worker=threads_per_worker, scheduler=scheduler,
+            cluster=cluster, slurm=slurm, jobs=jobs, memory_limit=memory_limit,
+        ) as client:
+            try:
+                yield client
+            except BaseException:
+                previous = logging.root.manager.disable
+                logging.disable(logging.CRITICAL)
+                raise
+    finally:
+        if previous is not None:
+            logging.disable(previous)
+
+
+@contextlib.contextmanager
+def _open_client(
+    *,
+    workers: int = 2,
+    threads_per_worker: int = 1,
+    scheduler: str | None = None,
+    cluster: str = "local",
+    slurm: dict[str, Any] | None = None,
+    jobs: int = 2,
+    memory_limit: str | None = "auto",
+) -> Iterator[Any]:
+    """The client of :func:`dask_client`, without the quiet teardown."""
     if scheduler:
         from distributed import Client
 
