@@ -172,6 +172,14 @@ def test_normalisation_on_simulated_coherent_intensity():
     assert rw(ratio * ds["gr"].values[sel], truth[sel]) < 0.03
 
 
+def test_normalisation_ignores_data_outside_qmin_qmaxinst():
+    iq = xr.DataArray(_pair_intensity(3.0, 2.0), dims="q", coords={"q": Q})
+    kw = dict(composition="Ni", qmin=2.0, qmax=24.0, qmaxinst=25.0, rmax=10.0)
+    base = float(transform(iq, **kw)["pdf_scale"])
+    spoiled = iq.where((Q >= 2.0) & (Q <= 25.0), 50.0 * iq)
+    assert float(transform(spoiled, **kw)["pdf_scale"]) == pytest.approx(base, rel=1e-12)
+
+
 def test_pdfgetx3_nickel_against_fcc_nickel():
     """PDFgetX3's Ni example against what fcc Ni must give (a = 3.524 A, 0.0914 atoms/A^3).
 

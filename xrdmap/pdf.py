@@ -24,11 +24,13 @@ of r for the sine transform).
 Normalisation (Juhas et al. 2013, section 1, around equation 4): since ``S - 1 = I/<f>^2 -
 <f^2>/<f>^2`` oscillates about zero, PDFgetX3 rescales the raw intensity by least squares so
 that ``I/<f>^2`` follows ``<f^2>/<f>^2``. xrdmap takes ``1/c`` minimising
-``int (x/c - y)^2 dQ`` over ``0 <= Q <= qmaxinst``, uniform in Q, with ``x = I/<f>^2`` and
-``y = <f^2>/<f>^2``: ``c = int x^2 dQ / int x y dQ``. The paper does not give the Q range;
-this one reproduces PDFgetX3 2.0's G(r) of six of its examples (Ni, CeO2, Pt, Si0.95Ni0.05,
-BaTiO3, menthol; all with qmin = 0) to Rw <= 0.007 and their amplitudes to 0.2 %, with no
-free or calibrated factor. ``c`` scales with the intensity units, G(r) does not.
+``int (x/c - y)^2 dQ`` over ``qmin <= Q <= qmaxinst`` (the range PDFgetX3 keeps before this
+step: manual 2.2.1, chapter 4, transformation list), uniform in Q, with ``x = I/<f>^2`` and
+``y = <f^2>/<f>^2``: ``c = int x^2 dQ / int x y dQ``. For constant ``y`` (neutrons) this is the PDF scale
+``<I>/(<I>^2 + std(I)^2)`` of Juhas et al., J. Appl. Cryst. 51 (2018) 1492, equation 6. It
+reproduces PDFgetX3 2.0's G(r) of six of its examples (Ni, CeO2, Pt, Si0.95Ni0.05, BaTiO3,
+menthol) to Rw <= 0.007 and their amplitudes to 0.2 %, with no free or calibrated factor.
+``c`` scales with the intensity units, G(r) does not.
 
 What the scale means. For purely coherent data ``I = a [<f^2> + <f>^2 d]``, ``d = S - 1``,
 the fit gives ``c = a (1 + (int y d + int d^2) / (int y^2 + int y d))``: the power of the
@@ -203,15 +205,16 @@ def _scale(
     q: np.ndarray,
     f2: np.ndarray,
     fm2: np.ndarray,
+    qmin: float,
     qmaxinst: float,
 ) -> np.ndarray:
     """Per-point S(Q) scale ``c``: least squares of ``I/(c <f>^2)`` onto ``<f^2>/<f>^2``.
 
-    With ``x = I/<f>^2`` and ``y = <f^2>/<f>^2`` on ``0 <= Q <= qmaxinst``, ``1/c``
+    With ``x = I/<f>^2`` and ``y = <f^2>/<f>^2`` on ``qmin <= Q <= qmaxinst``, ``1/c``
     minimises ``int (x/c - y)^2 dQ`` (trapezoid weights, i.e. uniform in Q), so
     ``c = int x^2 dQ / int x y dQ``. See the module docstring for the source and meaning.
     """
-    inside = (q <= qmaxinst)[None, :] & valid
+    inside = ((q >= qmin) & (q <= qmaxinst))[None, :] & valid
     w = _trapezoid_weights(q)
     x = np.where(inside, iq / fm2, 0.0)
     num = (x * x) @ w
@@ -339,13 +342,13 @@ def transform(
     data = np.where(valid, data, 0.0)
 
     f2, fm2 = form_factor_moments(comp, q)
-    c = _scale(data, valid, q, f2, fm2, qmaxinst)
+    c = _scale(data, valid, q, f2, fm2, qmin, qmaxinst)
     bad = ~(np.isfinite(c) & (c > 0))
     if np.any(bad):
         first = int(np.flatnonzero(bad)[0])
         where = f" (pattern {first} of {data.shape[0]})" if data.shape[0] > 1 else ""
         raise InputError(
-            f"background-subtracted intensity{where} has no positive scattering over Q = {q[0]:.3g}-{qmaxinst} A^-1; "
+            f"background-subtracted intensity{where} has no positive scattering over Q = {max(qmin, q[0]):.3g}-{qmaxinst} A^-1; "
             "expected sample scattering above the background (is the background the sample itself, or bgscale too large?)"
         )
     c = c[:, None]
