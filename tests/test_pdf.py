@@ -82,8 +82,128 @@ def test_parity_with_pdfgetx3_no_free_scale(name):
     sel = (r >= 1.0) & (r <= 30.0)
     value = rw(ds["gr"].values[sel], ref[sel, 1])
     assert value <= 0.05, f"{name}: Rw = {value:.4f}"
-    # the measured agreement is far better than the acceptance bound (Ni 0.0016, CeO2 0.0021)
+    # no calibrated constant: PDFgetX3's least-squares normalisation alone gives Rw 0.0019
+    # (Ni) and 0.0029 (CeO2), far inside the acceptance bound
     assert value <= 0.01
+
+
+# PDFgetX3's example archive has four more cases (Pt, Si90Ni10, BaTiO3, Menthol) with its
+# own G(r). They are not part of tests/data; point XRDMAP_PDFGETX3_EXAMPLES at an unpacked
+# copy of the archive's pdfgetxn3-examples folder to check them too (measured Rw: Pt 0.0061,
+# Si90Ni10 0.0028, BaTiO3 0.0027, Menthol 0.0020).
+EXTRA = {
+    "Pt": "Pt_bulk-00055",
+    "Si90Ni10": "si90ni10_300k_nor_1-6",
+    "BaTiO3": "BaTiO3_nor",
+    "Menthol": "L_Menthol_nor",
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXTRA))
+def test_parity_with_pdfgetx3_more_examples(name):
+    import os
+
+    root = os.environ.get("XRDMAP_PDFGETX3_EXAMPLES")
+    folder = Path(root) / name if root else None
+    if folder is None or not folder.is_dir():
+        pytest.skip("set XRDMAP_PDFGETX3_EXAMPLES to PDFgetX3's pdfgetxn3-examples folder")
+    stem = EXTRA[name]
+    cfg = read_pdfgetx3_cfg(folder / f"{stem}-pdfgetx3.gr")  # the parameters PDFgetX3 used
+    fmt = dict(
+        dataformat=cfg["dataformat"],
+        wavelength_A=cfg["wavelength"],
+        twothetazero_deg=cfg["twothetazero"],
+    )
+    iq = read_pattern(folder / f"{stem}.chi", **fmt)
+    bg = read_pattern(folder / cfg["backgroundfile"], **fmt) if cfg["backgroundfile"] else None
+    ref = read_columns(folder / f"{stem}-pdfgetx3.gr")
+    ds = transform(
+        iq,
+        composition=cfg["composition"],
+        qmin=cfg["qmin"],
+        qmax=cfg["qmax"],
+        qmaxinst=cfg["qmaxinst"],
+        rpoly=cfg["rpoly"],
+        rmin=cfg["rmin"],
+        rmax=cfg["rmax"],
+        rstep=cfg["rstep"],
+        background=bg,
+        bgscale=cfg["bgscale"],
+    )
+    r = ds["r"].values
+    sel = (r >= 1.0) & (r <= 30.0)
+    value = rw(ds["gr"].values[sel], np.interp(r[sel], ref[:, 0], ref[:, 1]))
+    assert value <= 0.02, f"{name}: Rw = {value:.4f}"
+
+
+# --------------------------------------------------------------------------------------
+# Normalisation against independent truth
+# --------------------------------------------------------------------------------------
+
+
+def test_normalisation_on_simulated_coherent_intensity():
+    """Pair-sum truth: G is absolute up to the documented least-squares factor.
+
+    The intensity is ``a`` times the coherent scattering of a 40 A Ni crystal computed from
+    its pair sum (xrdmap.phases, independent of xrdmap.pdf). PDFgetX3's rule then gives
+    ``c = a (1 + (int d + int d^2) / (int 1 + int d))`` with ``d = S - 1`` (for Ni
+    ``<f^2>/<f>^2 = 1``), computed here from the simulator's own S(Q); G(r) times ``c/a``
+    must be the pair-sum G(r) terminated at the same qmax with the same damping.
+    """
+    from xrdmap.phases import get_phase
+
+    ni = get_phase("Ni")
+    q = np.arange(0.01, 26.0, 0.01)
+    a = 123.0
+    iq = xr.DataArray(
+        a * ni.simulate_total_iq(q, size_A=40.0, qdamp=0.03), dims="q", coords={"q": q}
+    )
+    ds = transform(iq, composition="Ni", qmin=0.0, qmax=25.0, qmaxinst=25.5, rmax=16.0)
+    d = ni.simulate_fq(q, size_A=40.0, qdamp=0.03) / q
+    w = np.where(q <= 25.5, np.gradient(q), 0.0)
+    expected = 1.0 + (np.sum(w * d) + np.sum(w * d * d)) / (np.sum(w) + np.sum(w * d))
+    ratio = float(ds["pdf_scale"]) / (a * ni.atoms_per_mass)
+    assert abs(ratio / expected - 1.0) < 0.01, (ratio, expected)
+    # the factor is large for sharp Bragg peaks: G is not absolute for crystals
+    assert ratio > 1.2
+    r = ds["r"].values
+    truth = ni.simulate_gr(r, qmax=25.0, qdamp=0.03, size_A=40.0)
+    sel = (r >= 1.8) & (r <= 15.0)
+    assert rw(ratio * ds["gr"].values[sel], truth[sel]) < 0.03
+
+
+def test_normalisation_ignores_data_outside_qmin_qmaxinst():
+    iq = xr.DataArray(_pair_intensity(3.0, 2.0), dims="q", coords={"q": Q})
+    kw = dict(composition="Ni", qmin=2.0, qmax=24.0, qmaxinst=25.0, rmax=10.0)
+    base = float(transform(iq, **kw)["pdf_scale"])
+    spoiled = iq.where((Q >= 2.0) & (Q <= 25.0), 50.0 * iq)
+    assert float(transform(spoiled, **kw)["pdf_scale"]) == pytest.approx(base, rel=1e-12)
+
+
+def test_pdfgetx3_nickel_against_fcc_nickel():
+    """PDFgetX3's Ni example against what fcc Ni must give (a = 3.524 A, 0.0914 atoms/A^3).
+
+    First peak at a/sqrt(2). Relative amplitudes are right: with the unknown absolute
+    factor fixed by the 12 nearest neighbours, the second shell holds 6 atoms. The factor
+    itself (Compton scattering counted as self scattering, Bragg-peak power in the least
+    squares) is about 3: G(r) is proportional to, not equal to, the absolute G(r).
+    """
+    ds = _run("Ni", rmax=8.0)
+    r, g = ds["r"].values, ds["gr"].values
+    a = 3.524
+    rho0 = 4.0 / a**3
+
+    def shell(lo, hi):
+        s = (r >= lo) & (r <= hi)
+        return np.trapezoid(r[s] * g[s], r[s]), np.trapezoid(4 * np.pi * rho0 * r[s] ** 2, r[s])
+
+    near = (r > 2.0) & (r < 3.0)
+    assert abs(r[near][np.argmax(g[near])] - a / np.sqrt(2)) <= 0.01
+    g1, base1 = shell(2.2, 2.8)  # 12 at a/sqrt(2) = 2.49 A
+    g2, base2 = shell(3.25, 3.8)  # 6 at a = 3.52 A
+    factor = (12.0 - base1) / g1
+    assert 5.4 <= factor * g2 + base2 <= 6.6
+    assert 2.0 < factor < 4.5
 
 
 def test_sq_tends_to_one_and_fq_oscillates_about_zero():
