@@ -12,15 +12,29 @@ Sources
   group, else the only 3-D dataset; ``frames_path`` overrides the search.
 - Series of single-frame images read by fabio (TIFF, EDF, CBF, ...): a glob pattern
   (naturally sorted, ``frame2`` before ``frame10``) or an explicit list of paths.
+
+Corrupt compressed data
+-----------------------
+The bitshuffle filter (HDF5 filter 32008, with LZ4 or Zstd, as detectors and
+``hdf5plugin.Bitshuffle`` write it) trusts the block sizes stored inside each chunk: a chunk
+whose sizes are garbled makes the decoder read outside the chunk and kill the process with
+SIGSEGV, with no message. Before h5py decodes such a dataset, every chunk a read touches is
+fetched raw (``read_direct_chunk``) and its block structure checked against its length, so
+that a corrupt chunk is an :class:`~xrdmap.errors.InputError` naming the file, dataset and
+frames. The blocks themselves are then decoded with bounds-checked LZ4/Zstd calls, which
+report a corrupt payload as a failed read. Datasets with other filters, or with bitshuffle
+combined with another filter, are read by h5py unchecked.
 """
 
 from __future__ import annotations
 
 import glob as _glob
 import hashlib
+import itertools
 import math
 import os
 import re
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -119,6 +133,12 @@ _FILTER_NAMES = {
     32026: "Blosc2",
     307: "bzip2",
 }
+# bitshuffle's HDF5 filter: cd_values[2] is the element size in bytes, cd_values[4] the
+# compression applied after the bit transposition.
+_BITSHUFFLE = 32008
+_BITSHUFFLE_CODECS = {2: "LZ4", 3: "Zstd"}
+_BITSHUFFLE_HEADER = struct.Struct(">QI")
+_BITSHUFFLE_BLOCK = struct.Struct(">I")
 
 
 # --------------------------------------------------------------------------- public API
@@ -314,6 +334,11 @@ def read_image(path: str | os.PathLike, *, dataset: str | None = None) -> np.nda
                     f"image file {str(p)!r}: dataset {dataset} not found (expected a 2-D image dataset)"
                 )
             try:
+                _check_compressed_chunks(
+                    obj,
+                    (None,) * obj.ndim,
+                    f"image file {str(p)!r}: dataset {dataset} could not be read",
+                )
                 data = obj[()]
             except OSError as exc:
                 raise InputError(
@@ -515,6 +540,7 @@ def _read_hdf5_frames(
                 raise InputError(
                     f"{what}: dataset now has shape {ds.shape}, not {tuple(shape)}; the file changed"
                 )
+            _check_compressed_chunks(ds, (frames, *rest), f"{what} could not be read")
             steps = np.diff(frames)
             if frames.size == 1:
                 return ds[(slice(lo, lo + 1), *rest)]
@@ -525,6 +551,115 @@ def _read_hdf5_frames(
         raise
     except (OSError, KeyError, ValueError, RuntimeError) as exc:
         raise InputError(f"{what} could not be read: {exc}") from None
+
+
+def _check_compressed_chunks(ds: h5py.Dataset, selection: Sequence[Any], what: str) -> None:
+    """Check the bitshuffle chunks that reading ``selection`` of ``ds`` would decode.
+
+    ``selection`` holds, per axis, an int, a slice or an array of indices (``None``: the
+    whole dataset). Does nothing unless bitshuffle with compression is the dataset's only
+    filter (see the module notes: its decoder trusts the block sizes stored in a chunk).
+
+    Raises
+    ------
+    InputError
+        A chunk's block structure does not fit its stored length; the message starts with
+        ``what`` and names the chunk (its frames for a 3-D stack).
+    """
+    found = _bitshuffle_filter(ds)
+    if found is None:
+        return
+    codec, elem_size = found
+    chunks = ds.chunks
+    nbytes = math.prod(chunks) * ds.dtype.itemsize
+    cells = [
+        _chunk_indices(index, size, chunk)
+        for index, size, chunk in zip(selection, ds.shape, chunks, strict=True)
+    ]
+    for cell in itertools.product(*cells):
+        offset = tuple(int(i) * c for i, c in zip(cell, chunks, strict=True))
+        try:
+            filter_mask, raw = ds.id.read_direct_chunk(offset)
+        except (OSError, RuntimeError, ValueError, KeyError):
+            continue  # not allocated (reads as the fill value), or unreadable: h5py reports it
+        if filter_mask & 1:
+            continue  # this chunk was stored without the filter
+        problem = _bitshuffle_problem(raw, nbytes, elem_size)
+        if problem is not None:
+            if ds.ndim == 3:
+                first, last = offset[0], min(offset[0] + chunks[0], ds.shape[0]) - 1
+                where = f"frame {first}" if first == last else f"frames {first}..{last}"
+                where += f" (HDF5 chunk at {offset})"
+            else:
+                where = f"the HDF5 chunk at {offset}"
+            raise InputError(
+                f"{what}: {where} is a corrupt bitshuffle-{codec} chunk ({problem}); "
+                "expected intact compressed data"
+            )
+
+
+def _bitshuffle_filter(ds: h5py.Dataset) -> tuple[str, int] | None:
+    """(codec, element bytes) when bitshuffle with LZ4/Zstd is the dataset's only filter."""
+    if ds.chunks is None:
+        return None
+    try:
+        plist = ds.id.get_create_plist()
+        if plist.get_nfilters() != 1:
+            return None
+        code, _flags, values, _name = plist.get_filter(0)
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+    if code != _BITSHUFFLE or len(values) < 5 or values[4] not in _BITSHUFFLE_CODECS:
+        return None
+    return _BITSHUFFLE_CODECS[values[4]], int(values[2]) or ds.dtype.itemsize
+
+
+def _chunk_indices(index: Any, size: int, chunk: int) -> np.ndarray:
+    """Chunk numbers along one axis that an int, slice, index array or None touches."""
+    if index is None:
+        return np.arange(-(-size // chunk))
+    if isinstance(index, slice):
+        index = np.arange(*index.indices(size))
+    return np.unique(np.asarray(index, dtype=np.int64).reshape(-1) % size // chunk)
+
+
+def _bitshuffle_problem(raw: bytes, nbytes: int, elem_size: int) -> str | None:
+    """Why ``raw`` is not a well-formed bitshuffle chunk of ``nbytes`` bytes; None if it is.
+
+    The layout, as bitshuffle's HDF5 filter writes it: a 12-byte header (big-endian uint64
+    uncompressed bytes, uint32 bytes per block), then per block a big-endian uint32
+    compressed size and that many compressed bytes. The blocks hold the elements in runs of
+    the header's block size, then one shorter block of the remaining elements rounded down
+    to a multiple of 8; the last (elements mod 8) elements follow uncompressed.
+    """
+    if len(raw) < _BITSHUFFLE_HEADER.size:
+        return f"{len(raw)} bytes, shorter than the {_BITSHUFFLE_HEADER.size}-byte header"
+    total, block_bytes = _BITSHUFFLE_HEADER.unpack_from(raw)
+    if total != nbytes:
+        return f"header gives {total} uncompressed bytes, expected {nbytes}"
+    if nbytes % elem_size:
+        return f"{nbytes} bytes is not a whole number of {elem_size}-byte elements"
+    block = block_bytes // elem_size
+    if block == 0 or block % 8 or block_bytes % elem_size:
+        return f"header gives blocks of {block_bytes} bytes, expected a multiple of {8 * elem_size}"
+    n = nbytes // elem_size
+    n_blocks = n // block + (n % block >= 8)
+    end = len(raw) - n % 8 * elem_size
+    pos = _BITSHUFFLE_HEADER.size
+    unpack = _BITSHUFFLE_BLOCK.unpack_from
+    for i in range(n_blocks):
+        if pos + _BITSHUFFLE_BLOCK.size > end:
+            return f"{len(raw)} bytes end inside block {i} of {n_blocks}"
+        (size,) = unpack(raw, pos)
+        pos += _BITSHUFFLE_BLOCK.size + size
+        if pos > end:
+            return (
+                f"block {i} of {n_blocks} gives {size} compressed bytes, "
+                f"more than the {end - pos + size} bytes left"
+            )
+    if pos != end:
+        return f"{end - pos} bytes more than its {n_blocks} blocks hold"
+    return None
 
 
 def _read_image_frames(
@@ -909,10 +1044,12 @@ def _scaled(ds: h5py.Dataset, key: str) -> tuple[np.ndarray, str] | None:
 
 
 def _read_small(ds: h5py.Dataset, key: str) -> np.ndarray:
+    what = f"{key} dataset {ds.name} in {ds.file.filename!r} could not be read"
+    _check_compressed_chunks(ds, (None,) * ds.ndim, what)
     try:
         return np.asarray(ds[()])
     except (OSError, TypeError, ValueError) as exc:
-        raise InputError(f"{key} dataset {ds.name} could not be read: {exc}") from None
+        raise InputError(f"{what}: {exc}") from None
 
 
 def _axis_kind(ds: h5py.Dataset) -> str | None:
