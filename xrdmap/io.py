@@ -649,12 +649,12 @@ def _bitshuffle_problem(raw: bytes, nbytes: int, elem_size: int) -> str | None:
     unpack = _BITSHUFFLE_BLOCK.unpack_from
     for i in range(n_blocks):
         if pos + _BITSHUFFLE_BLOCK.size > end:
-            return f"{len(raw)} bytes end inside block {i} of {n_blocks}"
+            return f"{len(raw)} bytes end inside block {i + 1} of {n_blocks}"
         (size,) = unpack(raw, pos)
         pos += _BITSHUFFLE_BLOCK.size + size
         if pos > end:
             return (
-                f"block {i} of {n_blocks} gives {size} compressed bytes, "
+                f"block {i + 1} of {n_blocks} gives {size} compressed bytes, "
                 f"more than the {end - pos + size} bytes left"
             )
     if pos != end:
