@@ -1032,15 +1032,20 @@ def _scaled(ds: h5py.Dataset, key: str) -> tuple[np.ndarray, str] | None:
     table = _LENGTH_TO_MM if key == "position" else _TIME_TO_S if key == "time" else None
     values = _read_small(ds, key)
     if table is None:
-        return values, ds.name
+        return values, _origin(ds)
     if not units:
-        return values, f"{ds.name} (no units: taken as {'mm' if key == 'position' else 's'})"
+        return values, f"{_origin(ds)} (no units: taken as {'mm' if key == 'position' else 's'})"
     scale = table.get(units) or table.get(units.lower())
     if scale is None:
         return None
     if values.dtype.kind in "biuf":
         values = values.astype(float) * scale
-    return values, f"{ds.name} ({units})"
+    return values, f"{_origin(ds)} ({units})"
+
+
+def _origin(ds: h5py.Dataset) -> str:
+    """``file.h5:/path`` of a dataset (the ``*_path`` syntax): where coordinate values came from."""
+    return f"{ds.file.filename}:{ds.name}"
 
 
 def _read_small(ds: h5py.Dataset, key: str) -> np.ndarray:
@@ -1102,7 +1107,7 @@ def _point_axes(group: h5py.Group, signal: h5py.Dataset, n: int) -> list[h5py.Da
                 # positions are missing, which must not pass silently
                 kind = _axis_kind(item) or "axis"
                 raise InputError(
-                    f"{kind} values from {item.name}: {item.shape[0]} values but the scan has {n} frames "
+                    f"{kind} values from {_origin(item)}: {item.shape[0]} values but the scan has {n} frames "
                     "(expected one value per frame; a frame or a position is missing)"
                 )
             out.append(item)
@@ -1161,12 +1166,12 @@ def _auto_axes(layout: _Layout, frames: h5py.Dataset, n: int) -> dict[str, tuple
     mons = [m for m in mons if isinstance(m, h5py.Dataset) and m.ndim == 1]
     if len(mons) == 1 and mons[0].shape[0] != n and mons[0].shape[0] > 1:
         raise InputError(
-            f"monitor values from {mons[0].name}: {mons[0].shape[0]} values but the scan has {n} frames "
+            f"monitor values from {_origin(mons[0])}: {mons[0].shape[0]} values but the scan has {n} frames "
             "(expected one value per frame)"
         )
     mons = [m for m in mons if m.shape[0] == n]
     if len(mons) == 1:
-        found["monitor"] = (_read_small(mons[0], "monitor"), mons[0].name)
+        found["monitor"] = (_read_small(mons[0], "monitor"), _origin(mons[0]))
     return found
 
 
