@@ -587,9 +587,11 @@ def test_composition_typo_is_rejected_by_config_validation(scan, tmp_path):
         validate_config(data)
 
 
-@pytest.mark.parametrize("composition, needle", [("Li3V2(PO4", "'Li3V2(PO4': unbalanced '('"),
-                                                 ("Xx2O3", "unknown element 'Xx'"),
-                                                 ("0.6 LVP + 0.4 LATP", "'LVP': unknown element 'L'")])
+@pytest.mark.parametrize("composition, needle", [
+    ("Li3V2(PO4", "'Li3V2(PO4': unbalanced '(' (expected a ')' after each '(')"),
+    ("Xx2O3", "'Xx2O3': unknown element 'Xx' (expected a chemical symbol such as Li, V, P, O)"),
+    ("0.6 LVP + 0.4 LATP", "'0.6 LVP + 0.4 LATP': mixture term 'LVP': unknown element 'L' (expected a chemical"),
+])
 def test_composition_typo_on_the_pdf_command(tmp_path, composition, needle):
     q = np.linspace(0.5, 20, 400)
     pattern = tmp_path / "sample.xy"
