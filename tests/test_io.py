@@ -775,3 +775,58 @@ def test_corrupt_bitshuffle_chunks_are_input_errors_naming_file_dataset_and_fram
             assert f"is a corrupt bitshuffle-{codec} chunk" in message, message
     assert str(dark) in got[-1] and "dataset /entry/dark could not be read" in got[-1]
     assert "the HDF5 chunk at (16, 16) is a corrupt bitshuffle-LZ4 chunk" in got[-1]
+
+
+def _virtual_scan(folder, data: np.ndarray) -> str:
+    """A virtual frames dataset over three bitshuffle sources: frames 0-1 in the same file
+    (mapped as "."), 2-4 and 5-6 in two other files, which hold one spare frame first."""
+    filters = hdf5plugin.Bitshuffle(cname="lz4")
+    layout = h5py.VirtualLayout(shape=data.shape, dtype=data.dtype)
+    for name, lo, hi in (("part1.h5", 2, 5), ("part2.h5", 5, 7)):
+        with h5py.File(folder / name, "w") as f:
+            spare = np.zeros((1, *data.shape[1:]), data.dtype)
+            f.create_dataset(
+                "data",
+                data=np.concatenate([spare, data[lo:hi]]),
+                chunks=(1, *data.shape[1:]),
+                **filters,
+            )
+        layout[lo:hi] = h5py.VirtualSource(name, "data", shape=(hi - lo + 1, *data.shape[1:]))[1:]
+    layout[0:2] = h5py.VirtualSource(".", "/entry/raw/part0", shape=(2, *data.shape[1:]))
+    path = folder / "master.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("entry/raw/part0", data=data[:2], chunks=(1, *data.shape[1:]), **filters)
+        f.create_virtual_dataset("entry/data/data", layout)
+    return path
+
+
+def test_virtual_dataset_sources_are_checked(tmp_path):
+    data = np.random.default_rng(4).poisson(300, (7, 48, 48)).astype(np.uint32)  # 2 blocks a frame
+    path = _virtual_scan(tmp_path, data)
+    scan = io.open_scan(path, frames_path="/entry/data/data", chunk_frames=3)
+    assert scan.values.tobytes() == data.tobytes()
+    assert scan[[6, 0, 3]].values.tobytes() == data[[6, 0, 3]].tobytes()
+
+    def garble(raw):
+        raw[12:16] = b"\x7f\xff\xff\xff"
+        return raw
+
+    _edit_chunk(tmp_path / "part2.h5", "data", (2, 0, 0), garble)  # virtual frame 6
+    _edit_chunk(path, "entry/raw/part0", (1, 0, 0), garble)  # virtual frame 1
+    (first,) = _read_in_child([(path, "/entry/data/data")])  # names the first corrupt frame
+    assert first.startswith(
+        f"scan file {str(path)!r}: frames 0..6 of /entry/data/data could not be read: "
+    )
+    assert (
+        f"source file {str(path)!r} dataset /entry/raw/part0: frame 1 (HDF5 chunk at (1, 0, 0)) "
+        in first
+    )
+    assert "is a corrupt bitshuffle-LZ4 chunk" in first
+    with h5py.File(path, "r+") as f:  # repair frame 1; frame 6 stays garbled
+        f["entry/raw/part0"][1] = data[1]
+    (message,) = _read_in_child([(path, "/entry/data/data")])
+    part2 = str(tmp_path / "part2.h5")
+    assert (
+        f"source file {part2!r} dataset /data: frame 2 (HDF5 chunk at (2, 0, 0)) is a corrupt"
+        in message
+    )

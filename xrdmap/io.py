@@ -22,8 +22,10 @@ SIGSEGV, with no message. Before h5py decodes such a dataset, every chunk a read
 fetched raw (``read_direct_chunk``) and its block structure checked against its length, so
 that a corrupt chunk is an :class:`~xrdmap.errors.InputError` naming the file, dataset and
 frames. The blocks themselves are then decoded with bounds-checked LZ4/Zstd calls, which
-report a corrupt payload as a failed read. Datasets with other filters, or with bitshuffle
-combined with another filter, are read by h5py unchecked.
+report a corrupt payload as a failed read. The sources of a virtual dataset are checked
+the same way when each maps one block of frames (as detector writers lay them out).
+Datasets with other filters, or with bitshuffle combined with another filter, are read by
+h5py unchecked (those filters report corrupt chunks as failed reads).
 """
 
 from __future__ import annotations
@@ -559,6 +561,9 @@ def _check_compressed_chunks(ds: h5py.Dataset, selection: Sequence[Any], what: s
     ``selection`` holds, per axis, an int, a slice or an array of indices (``None``: the
     whole dataset). Does nothing unless bitshuffle with compression is the dataset's only
     filter (see the module notes: its decoder trusts the block sizes stored in a chunk).
+    For a virtual dataset the source datasets are checked, where each source maps one
+    block of the virtual dataset onto one block of the source (as detector writers lay
+    them out); sources mapped otherwise are read unchecked.
 
     Raises
     ------
@@ -566,6 +571,9 @@ def _check_compressed_chunks(ds: h5py.Dataset, selection: Sequence[Any], what: s
         A chunk's block structure does not fit its stored length; the message starts with
         ``what`` and names the chunk (its frames for a 3-D stack).
     """
+    if ds.is_virtual:
+        _check_virtual_sources(ds, selection, what)
+        return
     found = _bitshuffle_filter(ds)
     if found is None:
         return
@@ -618,9 +626,73 @@ def _chunk_indices(index: Any, size: int, chunk: int) -> np.ndarray:
     """Chunk numbers along one axis that an int, slice, index array or None touches."""
     if index is None:
         return np.arange(-(-size // chunk))
+    return np.unique(_axis_indices(index, size) // chunk)
+
+
+def _axis_indices(index: Any, size: int) -> np.ndarray:
+    """Sorted distinct indices along one axis that an int, slice, index array or None picks."""
+    if index is None:
+        return np.arange(size)
     if isinstance(index, slice):
-        index = np.arange(*index.indices(size))
-    return np.unique(np.asarray(index, dtype=np.int64).reshape(-1) % size // chunk)
+        return np.arange(*index.indices(size))
+    return np.unique(np.asarray(index, dtype=np.int64).reshape(-1) % size)
+
+
+def _check_virtual_sources(ds: h5py.Dataset, selection: Sequence[Any], what: str) -> None:
+    """:func:`_check_compressed_chunks` on the sources that a read of virtual ``ds`` touches."""
+    wanted = [_axis_indices(index, size) for index, size in zip(selection, ds.shape, strict=True)]
+    folder = os.path.dirname(os.path.abspath(ds.file.filename))
+    try:
+        mappings = ds.virtual_sources()
+    except (OSError, RuntimeError, ValueError):
+        return
+    boxes = [(_selected_box(vmap.vspace, ds.shape), vmap) for vmap in mappings]
+    # in the order of the virtual dataset: an error names its first corrupt frames
+    for vbox, vmap in sorted((b for b in boxes if b[0] is not None), key=lambda b: b[0]):
+        parts = [
+            idx[(idx >= lo) & (idx <= hi)] - lo for idx, (lo, hi) in zip(wanted, vbox, strict=True)
+        ]
+        if any(p.size == 0 for p in parts):
+            continue
+        if vmap.file_name == ".":
+            _check_virtual_source(ds.file, ds.file.filename, vmap, vbox, parts, what)
+            continue
+        path = os.path.join(folder, vmap.file_name)  # HDF5 looks beside the virtual file too
+        try:
+            source = h5py.File(path, "r", locking=False)
+        except OSError:
+            continue  # h5py reads a missing source as the fill value
+        with source:
+            _check_virtual_source(source, path, vmap, vbox, parts, what)
+
+
+def _check_virtual_source(f: h5py.File, path: str, vmap, vbox, parts, what: str) -> None:
+    src = _child(f, vmap.dset_name)
+    if not isinstance(src, h5py.Dataset) or src.ndim != len(vbox):
+        return
+    sbox = _selected_box(vmap.src_space, src.shape)
+    if sbox is None or [b - a for a, b in sbox] != [b - a for a, b in vbox]:
+        return
+    shifted = [p + lo for p, (lo, _) in zip(parts, sbox, strict=True)]
+    _check_compressed_chunks(src, shifted, f"{what}: source file {path!r} dataset {src.name}")
+
+
+def _selected_box(space: Any, shape: Sequence[int]) -> list[tuple[int, int]] | None:
+    """(first, last) per axis when a dataspace selection is one whole box, else None."""
+    try:
+        kind = space.get_select_type()
+        if kind == h5py.h5s.SEL_ALL:
+            return [(0, int(n) - 1) for n in shape]
+        if kind != h5py.h5s.SEL_HYPERSLABS:
+            return None
+        first, last = space.get_select_bounds()
+        if space.get_select_npoints() != math.prod(b - a + 1 for a, b in zip(first, last)):
+            return None  # strided or several blocks
+    except (OSError, RuntimeError, ValueError):
+        return None  # e.g. an unlimited selection of a growing virtual dataset
+    if len(first) != len(shape):
+        return None
+    return [(int(a), int(b)) for a, b in zip(first, last)]
 
 
 def _bitshuffle_problem(raw: bytes, nbytes: int, elem_size: int) -> str | None:
