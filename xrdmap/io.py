@@ -25,7 +25,8 @@ frames. The blocks themselves are then decoded with bounds-checked LZ4/Zstd call
 report a corrupt payload as a failed read. The sources of a virtual dataset are checked
 the same way when each maps one block of frames (as detector writers lay them out).
 Datasets with other filters, or with bitshuffle combined with another filter, are read by
-h5py unchecked (those filters report corrupt chunks as failed reads).
+h5py unchecked: hdf5plugin's LZ4, Blosc and Blosc2 filters fail the read of a garbled
+chunk, but its Zstd filter can return wrong numbers without an error.
 """
 
 from __future__ import annotations
