@@ -54,10 +54,14 @@ def test_mixture_by_weight_gives_the_right_atom_ratio():
     assert formula_mass(comp) == pytest.approx(100 / (n_lvp + n_ceo2))
 
 
-@pytest.mark.parametrize("bad", ["Xx2O3", "Li3V2(PO4", "Li3V2PO4)3", "", "3Li", "0.6 LVP + 0.4", "-0.5 Ni + 1 O"])
+@pytest.mark.parametrize(
+    "bad", ["Xx2O3", "Li3V2(PO4", "Li3V2PO4)3", "", "3Li", "0.6 LVP + 0.4", "-0.5 Ni + 1 O", "0.6 LVP + 0.4 Ni", "Li$"]
+)
 def test_garbled_compositions_are_named(bad):
-    with pytest.raises(InputError, match="composition"):
+    with pytest.raises(InputError) as exc:
         parse_composition(bad)
+    message = str(exc.value)  # the whole composition, and what was expected
+    assert message.startswith(f"composition {bad!r}: ") and "expected" in message, message
 
 
 def test_form_factor_at_zero_is_the_electron_count():

@@ -257,8 +257,21 @@ def test_no_error_model_gives_no_sigma(frames):
 
 def test_frame_shape_must_match_the_detector():
     poni = dict(PONI, detector="Pilatus1M", detector_config={})
-    with pytest.raises(InputError, match=r"frames have shape \(256, 256\) but the PONI detector Pilatus ?1M expects \(1043, 981\)"):
+    with pytest.raises(InputError, match=r"frames have shape \(256, 256\) but the PONI dictionary is for detector "
+                                         r"Pilatus ?1M, which expects \(1043, 981\)"):
         make_spec(poni, SHAPE)
+
+
+def test_poni_without_a_detector_shape_needs_the_frame_shape(tmp_path):
+    from xrdmap.geometry import write_poni
+
+    poni = dict(PONI, detector_config={"pixel1": 150e-6, "pixel2": 150e-6})  # no max_shape
+    path = tmp_path / "shapeless.poni"
+    write_poni(poni, path)
+    with pytest.raises(InputError, match=f"PONI file '{path}': detector .* has no fixed shape; expected the "
+                                         "frame shape to be given"):
+        make_spec(path)
+    assert make_spec(path, SHAPE).shape == SHAPE
 
 
 @pytest.mark.parametrize(

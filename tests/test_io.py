@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
+import struct
 
 import cloudpickle
 import dask
@@ -526,13 +528,13 @@ def test_coordinate_errors(tmp_path, frames):
         f["/entry/mon_bad"] = mon
         f["/entry/names"] = np.array([b"a"] * N)
     _raises(
-        r"monitor from /entry/mon_bad: 2 zero or negative values at points 3, 7",
+        rf"monitor from {re.escape(str(path))}:/entry/mon_bad: 2 zero or negative values at points 3, 7",
         io.open_scan,
         path,
         monitor_path="/entry/mon_bad",
     )
     _raises(
-        r"position values from /entry/names.*have dtype \|S1; expected numbers",
+        rf"position values from {re.escape(str(path))}:/entry/names.*have dtype \|S1; expected numbers",
         io.open_scan,
         path,
         positions_path="/entry/names",
@@ -552,7 +554,7 @@ def test_monitor_from_nxmonitor_is_validated(tmp_path, frames):
     monitor[5] = 0.0
     path = write_nexus(tmp_path / "scan.h5", frames, monitor=monitor)
     _raises(
-        r"monitor from /entry/monitor/data: 1 zero or negative values at points 5",
+        rf"monitor from {re.escape(str(path))}:/entry/monitor/data: 1 zero or negative values at points 5",
         io.open_scan,
         path,
     )
@@ -601,3 +603,230 @@ def test_file_checksum(tmp_path):
     q.write_bytes(blob)
     assert io.file_checksum(q, block_bytes=4096) == hashlib.sha256(blob).hexdigest()
     _raises(r"nothing\.bin.*does not exist", io.file_checksum, tmp_path / "nothing.bin")
+
+
+# ----------------------------------------------------------------------------- corrupt chunks
+#
+# bitshuffle's decoder (inside hdf5plugin) trusts the block sizes stored in a chunk: a garbled
+# one can kill the reading process with SIGSEGV. Reads that could crash run in a child
+# process, so that a regression fails the test instead of ending the test session.
+
+BITSHUFFLE_LAYOUTS = {
+    # one frame per chunk; 1073 elements: no full block, a last block of 1072, 1 raw element
+    "frame-chunks": ("float32", (5, 37, 29), (1, 37, 29), hdf5plugin.Bitshuffle(cname="lz4")),
+    # one full 2048-element block, a last block of 200, 2 raw elements
+    "raw-tail": ("uint32", (3, 50, 45), (1, 50, 45), hdf5plugin.Bitshuffle(cname="lz4")),
+    # several frames per chunk and partial edge chunks
+    "tiles": ("uint16", (6, 40, 33), (4, 16, 16), hdf5plugin.Bitshuffle(cname="lz4")),
+    # a small block size: 20 blocks per chunk
+    "small-blocks": (
+        "int32",
+        (4, 40, 32),
+        (2, 40, 32),
+        hdf5plugin.Bitshuffle(nelems=64, cname="lz4"),
+    ),
+    "zstd": ("float64", (3, 24, 20), (1, 24, 20), hdf5plugin.Bitshuffle(cname="zstd")),
+}
+
+
+def _bitshuffle_scan(path, layout: str) -> np.ndarray:
+    dtype, shape, chunks, filters = BITSHUFFLE_LAYOUTS[layout]
+    rng = np.random.default_rng(3)
+    if np.dtype(dtype).kind == "f":
+        data = rng.normal(100, 30, shape).astype(dtype)
+    else:
+        data = rng.poisson(300, shape).astype(dtype)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("entry/data/data", data=data, chunks=chunks, **filters)
+        f.create_dataset("entry/dark", data=data[0], chunks=chunks[1:], **filters)
+    return data
+
+
+def _edit_chunk(path, dataset: str, offset: tuple, edit) -> None:
+    """Replace one stored chunk by ``edit(bytearray of its stored bytes)``."""
+    with h5py.File(path, "r+") as f:
+        ds = f[dataset]
+        mask, raw = ds.id.read_direct_chunk(offset)
+        ds.id.write_direct_chunk(offset, bytes(edit(bytearray(raw))), filter_mask=mask)
+
+
+_READ_IN_CHILD = """
+import json, sys
+from xrdmap import io
+from xrdmap.errors import InputError
+got = []
+for path, dataset in json.loads(sys.argv[1]):
+    try:
+        if dataset.endswith("/dark"):
+            io.read_image(path, dataset=dataset)
+        else:
+            io.open_scan(path, frames_path=dataset).values
+        got.append("read")
+    except InputError as exc:
+        got.append(str(exc))
+print(json.dumps(got))
+"""
+
+
+def _read_in_child(cases: list[tuple[str, str]]) -> list[str]:
+    """Read each (file, dataset) in one child process: "read", or the InputError message."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _READ_IN_CHILD, json.dumps([[str(p), d] for p, d in cases])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, (
+        f"the reading process died (exit {proc.returncode}): {proc.stderr[-2000:]}"
+    )
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("layout", list(BITSHUFFLE_LAYOUTS))
+def test_intact_bitshuffle_chunks_pass_the_check_and_read_bit_identical(tmp_path, layout):
+    path = tmp_path / "scan.h5"
+    data = _bitshuffle_scan(path, layout)
+    with h5py.File(path) as f:
+        ds = f["entry/data/data"]
+        codec, elem_size = io._bitshuffle_filter(ds)
+        assert (codec, elem_size) == ("Zstd" if layout == "zstd" else "LZ4", data.itemsize)
+        nbytes = int(np.prod(ds.chunks)) * data.itemsize
+        for i in range(ds.id.get_num_chunks()):  # every chunk as hdf5plugin wrote it
+            offset = ds.id.get_chunk_info(i).chunk_offset
+            assert (
+                io._bitshuffle_problem(ds.id.read_direct_chunk(offset)[1], nbytes, elem_size)
+                is None
+            )
+    scan = io.open_scan(path)
+    assert scan.values.tobytes() == data.tobytes()  # bit for bit
+    assert scan[1:3, 5:30:4, -7:].values.tobytes() == data[1:3, 5:30:4, -7:].tobytes()
+    assert io.read_image(path, dataset="/entry/dark").tobytes() == data[0].tobytes()
+
+
+def test_malformed_bitshuffle_chunks_are_described():
+    rng = np.random.default_rng(1)
+    block = 2048
+    n = 3 * block + 13  # 3 full blocks, a last block of 8, 5 raw elements (4 bytes each)
+    sizes = [700, 650, 900, 40]
+    raw = bytearray(struct.pack(">QI", 4 * n, 4 * block))
+    for size in sizes:
+        raw += struct.pack(">I", size) + rng.bytes(size)
+    raw += rng.bytes(5 * 4)
+    assert io._bitshuffle_problem(bytes(raw), 4 * n, 4) is None  # the layout as documented
+
+    def overwrite(pos: int, new: bytes) -> bytearray:
+        return raw[:pos] + new + raw[pos + len(new) :]
+
+    cases = {
+        "14 bytes end inside block 1 of 4": raw[:14],
+        "block 4 of 4 gives 40 compressed bytes, more than the 39 bytes left": raw[:-1],
+        "1 bytes more than its 4 blocks hold": raw + b"\0",
+        "header gives 99 uncompressed bytes, expected": overwrite(0, struct.pack(">Q", 99)),
+        "header gives blocks of 36 bytes, expected a multiple of 32": overwrite(
+            8, struct.pack(">I", 36)
+        ),
+        "block 2 of 4 gives 4294967295 compressed bytes": overwrite(16 + 700, b"\xff" * 4),
+        "shorter than the 12-byte header": raw[:11],
+    }
+    for needle, bad in cases.items():
+        assert needle in io._bitshuffle_problem(bytes(bad), 4 * n, 4)
+
+
+def test_corrupt_bitshuffle_chunks_are_input_errors_naming_file_dataset_and_frames(tmp_path):
+    def garble_first_block_size(raw):
+        raw[12:16] = b"\x7f\xff\xff\xff"
+        return raw
+
+    def cut(raw):
+        return raw[:-3]
+
+    def garbage_payload(raw):  # block sizes intact: the bounds-checked LZ4/Zstd call fails
+        size = struct.unpack(">I", raw[12:16])[0]
+        raw[16 : 16 + size] = np.random.default_rng(5).bytes(size)
+        return raw
+
+    cases, expected = [], []
+    for layout, (_, shape, chunks, _) in BITSHUFFLE_LAYOUTS.items():
+        for edit in (garble_first_block_size, cut, garbage_payload):
+            path = tmp_path / f"{layout}-{edit.__name__}.h5"
+            _bitshuffle_scan(path, layout)
+            c0 = chunks[0]
+            _edit_chunk(path, "entry/data/data", (c0, 0, 0), edit)
+            frames = f"frame {c0}" if c0 == 1 else f"frames {c0}..{min(2 * c0, shape[0]) - 1}"
+            cases.append((path, "/entry/data/data"))
+            expected.append((path, "/entry/data/data", frames, edit))
+    dark = tmp_path / "dark.h5"
+    _bitshuffle_scan(dark, "tiles")
+    _edit_chunk(dark, "entry/dark", (16, 16), garble_first_block_size)
+    cases.append((dark, "/entry/dark"))
+
+    got = _read_in_child(cases)
+    for message, (path, dataset, frames, edit) in zip(got, expected, strict=False):
+        assert str(path) in message and dataset in message, message
+        if edit is garbage_payload:
+            assert "could not be read" in message and "filter returned failure" in message, message
+        else:
+            codec = "Zstd" if "zstd" in path.name else "LZ4"
+            assert f"{frames} (HDF5 chunk at " in message, message
+            assert f"is a corrupt bitshuffle-{codec} chunk" in message, message
+    assert str(dark) in got[-1] and "dataset /entry/dark could not be read" in got[-1]
+    assert "the HDF5 chunk at (16, 16) is a corrupt bitshuffle-LZ4 chunk" in got[-1]
+
+
+def _virtual_scan(folder, data: np.ndarray) -> str:
+    """A virtual frames dataset over three bitshuffle sources: frames 0-1 in the same file
+    (mapped as "."), 2-4 and 5-6 in two other files, which hold one spare frame first."""
+    filters = hdf5plugin.Bitshuffle(cname="lz4")
+    layout = h5py.VirtualLayout(shape=data.shape, dtype=data.dtype)
+    for name, lo, hi in (("part1.h5", 2, 5), ("part2.h5", 5, 7)):
+        with h5py.File(folder / name, "w") as f:
+            spare = np.zeros((1, *data.shape[1:]), data.dtype)
+            f.create_dataset(
+                "data",
+                data=np.concatenate([spare, data[lo:hi]]),
+                chunks=(1, *data.shape[1:]),
+                **filters,
+            )
+        layout[lo:hi] = h5py.VirtualSource(name, "data", shape=(hi - lo + 1, *data.shape[1:]))[1:]
+    layout[0:2] = h5py.VirtualSource(".", "/entry/raw/part0", shape=(2, *data.shape[1:]))
+    path = folder / "master.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("entry/raw/part0", data=data[:2], chunks=(1, *data.shape[1:]), **filters)
+        f.create_virtual_dataset("entry/data/data", layout)
+    return path
+
+
+def test_virtual_dataset_sources_are_checked(tmp_path):
+    data = np.random.default_rng(4).poisson(300, (7, 48, 48)).astype(np.uint32)  # 2 blocks a frame
+    path = _virtual_scan(tmp_path, data)
+    scan = io.open_scan(path, frames_path="/entry/data/data", chunk_frames=3)
+    assert scan.values.tobytes() == data.tobytes()
+    assert scan[[6, 0, 3]].values.tobytes() == data[[6, 0, 3]].tobytes()
+
+    def garble(raw):
+        raw[12:16] = b"\x7f\xff\xff\xff"
+        return raw
+
+    _edit_chunk(tmp_path / "part2.h5", "data", (2, 0, 0), garble)  # virtual frame 6
+    _edit_chunk(path, "entry/raw/part0", (1, 0, 0), garble)  # virtual frame 1
+    (first,) = _read_in_child([(path, "/entry/data/data")])  # names the first corrupt frame
+    assert first.startswith(
+        f"scan file {str(path)!r}: frames 0..6 of /entry/data/data could not be read: "
+    )
+    assert (
+        f"source file {str(path)!r} dataset /entry/raw/part0: frame 1 (HDF5 chunk at (1, 0, 0)) "
+        in first
+    )
+    assert "is a corrupt bitshuffle-LZ4 chunk" in first
+    with h5py.File(path, "r+") as f:  # repair frame 1; frame 6 stays garbled
+        f["entry/raw/part0"][1] = data[1]
+    (message,) = _read_in_child([(path, "/entry/data/data")])
+    part2 = str(tmp_path / "part2.h5")
+    assert (
+        f"source file {part2!r} dataset /data: frame 2 (HDF5 chunk at (2, 0, 0)) is a corrupt"
+        in message
+    )

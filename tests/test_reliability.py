@@ -256,54 +256,93 @@ def test_corrupt_compressed_chunk_names_the_frames(scan, tmp_path, out):
 
 
 @pytest.mark.slow
-def test_corrupt_bitshuffle_chunk_crashing_workers_is_a_compute_error(scan, tmp_path, out):
-    """bitshuffle-LZ4 decoding of garbage crashes the process reading it (segfault, in
-    hdf5plugin). With worker processes the crash is contained: dask retries, then the
-    run stops with exit 5 naming the frames."""
+def test_corrupt_bitshuffle_payload_with_worker_processes_is_an_input_error(scan, tmp_path, out):
+    """The chunk check runs where the frames are read: in the dask workers too, whose
+    InputError reaches the command (exit 2) instead of a crash (workers dying until dask
+    gives up)."""
     out_path, before = out
     bad = copy_scan(scan, tmp_path / "in")
     corrupt_chunk(bad, 3, keep=16)  # simulated scans store one frame per bitshuffle chunk
     cfg = write_yaml(tmp_path / "run.yaml", run_config(scan, out_path, scan__source=str(bad),
                                                        compute__workers=2))
-    proc = cli("run", cfg)
-    line = error_line(proc, 5, worker_logs=True)
-    assert "frames 2..3" in line and str(bad) in line and "died repeatedly" in line
+    line = error_line(cli("run", cfg), 2, worker_logs=True)
+    assert str(bad) in line and "frames 2..3" in line and "frame 3 (HDF5 chunk at (3, 0, 0)) is a corrupt" in line
+    assert_kept(out_path, before)
+
+    proc = cli("integrate", bad, "--poni", bad.with_suffix(".poni"), "--workers", 2, "-o", out_path)
+    line = error_line(proc, 2, worker_logs=True)
+    assert str(bad) in line and "frame 3 (HDF5 chunk at (3, 0, 0)) is a corrupt bitshuffle-LZ4 chunk" in line
     assert_kept(out_path, before)
 
 
 @pytest.mark.slow
-def test_integrate_command_with_crashing_workers_is_a_compute_error(scan, tmp_path, out):
-    out_path, before = out
-    bad = copy_scan(scan, tmp_path / "in")
-    corrupt_chunk(bad, 3, keep=16)
-    proc = cli("integrate", bad, "--poni", bad.with_suffix(".poni"), "--workers", 2, "-o", out_path)
-    assert_kept(out_path, before)
-    line = error_line(proc, 5, worker_logs=True)
-    assert str(bad) in line
+def test_workers_dying_on_a_chunk_is_a_compute_error(scan, tmp_path):
+    """A chunk whose reading kills every worker that tries it: dask gives up after its
+    retries and the run stops with a ComputeError naming the frames and the scan."""
+    import dask
+    import dask.array as da
+
+    from xrdmap.cluster import dask_client
+    from xrdmap.errors import ComputeError
+
+    frames = open_scan(scan, chunk_frames=2)
+    dying = da.from_delayed(dask.delayed(os._exit)(70), (2, SIZE, SIZE), dtype=frames.dtype)
+    frames = frames.copy(data=da.concatenate([frames.data[:2], dying, frames.data[4:]]))
+    (tmp_path / "out").mkdir()
+    cfg = validate_config(run_config(scan, tmp_path / "out" / "r.h5", compute__workers=2))
+    with dask_client(workers=2) as client, pytest.raises(ComputeError) as exc:
+        integrate_checkpointed(frames, cfg, client=client)
+    message = str(exc.value)
+    assert f"frames 2..3 of {frames.attrs['source']}" in message and "died repeatedly" in message
 
 
 def test_corrupt_bitshuffle_header_is_an_input_error(scan, tmp_path, out):
     out_path, before = out
     bad = copy_scan(scan, tmp_path / "in")
-    corrupt_chunk(bad, 3, keep=8)  # garbled bitshuffle header: the filter reports it
+    corrupt_chunk(bad, 3, keep=8)  # garbled block size in the bitshuffle header
     line = error_line(cli("integrate", bad, "--poni", bad.with_suffix(".poni"), "-o", out_path), 2)
-    assert str(bad) in line and "frames" in line and "filter returned failure during read" in line
+    assert str(bad) in line and f"frames 0..{POINTS - 1} of {DETECTOR_FRAMES} could not be read" in line
+    assert "frame 3 (HDF5 chunk at (3, 0, 0)) is a corrupt bitshuffle-LZ4 chunk (header gives blocks of" in line
     assert_kept(out_path, before)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "hdf5plugin's bitshuffle-LZ4 decoder trusts the LZ4 payload: a corrupt chunk whose header is "
-    "intact makes the process reading it die with SIGSEGV, so an in-process `xrdmap integrate` / "
-    "`xrdmap run --workers 0` ends with no message (exit -11). Contained only with worker "
-    "processes (exit 5, see the test above). Needs a safe decoder upstream (hdf5plugin/bitshuffle "
-    "LZ4_decompress_safe) or reading frames in a child process."))
 def test_corrupt_bitshuffle_payload_in_process_is_an_input_error(scan, tmp_path, out):
+    """Garbled block sizes inside a bitshuffle-LZ4 chunk whose header is intact: hdf5plugin's
+    decoder would read outside the chunk and kill the process (SIGSEGV, no message). xrdmap
+    checks each chunk's block structure first, so an in-process run stops with exit 2
+    naming the file, the dataset and the frame.
+
+    The Python API runs in a child process too, so that a regression crashes the child and
+    not the test session."""
     out_path, before = out
     bad = copy_scan(scan, tmp_path / "in")
-    corrupt_chunk(bad, 3, keep=16)
-    proc = cli("integrate", bad, "--poni", bad.with_suffix(".poni"), "-o", out_path)
+    corrupt_chunk(bad, 3, keep=16)  # one frame per chunk: frame 3; chunk_frames=2: frames 2..3
+    expected = f"frames 2..3 of {DETECTOR_FRAMES} could not be read: frame 3 (HDF5 chunk at (3, 0, 0)) " \
+               "is a corrupt bitshuffle-LZ4 chunk"
+
+    proc = cli("integrate", bad, "--poni", bad.with_suffix(".poni"), "--chunk-frames", 2, "-o", out_path)
+    line = error_line(proc, 2)
+    assert str(bad) in line and expected in line and "expected intact compressed data" in line
     assert_kept(out_path, before)
-    error_line(proc, 2)
+
+    cfg = write_yaml(tmp_path / "run.yaml", run_config(scan, out_path, scan__source=str(bad)))
+    line = error_line(cli("run", cfg), 2)
+    assert str(bad) in line and expected in line
+    assert_kept(out_path, before)
+
+    api = textwrap.dedent(f"""
+        from xrdmap.config import load_config
+        from xrdmap.errors import InputError
+        from xrdmap.pipeline import run
+        try:
+            run(load_config({str(cfg)!r}))
+        except InputError as exc:
+            print("InputError:", exc)
+    """)
+    proc = subprocess.run([sys.executable, "-c", api], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("InputError: ") and str(bad) in proc.stdout and expected in proc.stdout
+    assert_kept(out_path, before)
 
 
 # --------------------------------------------------------------------------------------
@@ -364,17 +403,17 @@ def test_hdf5_with_fewer_frames_than_positions(scan, tmp_path, out):
     for key, path in (("position", "/entry/data/position"), ("monitor", "/entry/monitor/data")):
         with pytest.raises(InputError, match="8 values but the scan has 7 frames.*expected one") as exc:
             open_scan(bad, **{f"{key}s_path" if key == "position" else f"{key}_path": path})
-        assert "values from /entry/" in str(exc.value)  # the first axis found of the wrong length
+        assert f"values from {bad}:/entry/" in str(exc.value)  # the first axis found of the wrong length
 
     proc = cli("integrate", bad, "--poni", bad.with_suffix(".poni"), "--monitor-path", "/entry/monitor/data",
                "-o", out_path)
     line = error_line(proc, 2)
-    assert "values from /entry/" in line and "8 values but the scan has 7 frames" in line
+    assert f"values from {bad}:/entry/" in line and "8 values but the scan has 7 frames" in line
     assert_kept(out_path, before)
 
     data = run_config(scan, out_path, scan__source=str(bad), scan__positions_path="/entry/data/position")
     line = error_line(cli("run", write_yaml(tmp_path / "run.yaml", data)), 2)
-    assert "values from /entry/" in line and "8 values but the scan has 7 frames" in line
+    assert f"values from {bad}:/entry/" in line and "8 values but the scan has 7 frames" in line
     assert_kept(out_path, before)
 
 
@@ -419,17 +458,19 @@ def test_poni_for_another_detector(scan, tmp_path, out):
         "poni_version: 2.1\nDetector: Pilatus1M\nDetector_config: {\"orientation\": 3}\n"
         "Distance: 0.35\nPoni1: 0.08\nPoni2: 0.08\nRot1: 0\nRot2: 0\nRot3: 0\nWavelength: 1.6e-11\n"
     )
-    expected = r"frames have shape \(96, 96\) but the PONI detector Pilatus 1M expects \(1043, 981\)"
-    with pytest.raises(InputError, match=expected):
+    expected = (f"frames have shape (96, 96) but PONI file {str(poni)!r} is for detector Pilatus 1M, "
+                "which expects (1043, 981); expected a PONI of the detector that recorded the frames")
+    with pytest.raises(InputError) as exc:
         integrate_scan(open_scan(scan), poni)
+    assert expected in str(exc.value)
 
     line = error_line(cli("integrate", scan, "--poni", poni, "-o", out_path), 2)
-    assert "(96, 96)" in line and "Pilatus 1M expects (1043, 981)" in line
+    assert expected in line
     assert_kept(out_path, before)
 
     cfg = write_yaml(tmp_path / "run.yaml", run_config(scan, out_path, geometry__poni=str(poni)))
     line = error_line(cli("run", cfg), 2)
-    assert "Pilatus 1M expects (1043, 981)" in line
+    assert expected in line
     assert_kept(out_path, before)
 
     garbage = tmp_path / "garbage.poni"
@@ -502,7 +543,7 @@ def test_zero_or_negative_monitor(scan, tmp_path, out, value):
         values = mon[()]
         values[3] = value
         mon[...] = values
-    expected = "monitor from /entry/monitor/data: 1 zero or negative values at points 3; expected positive counts"
+    expected = f"monitor from {bad}:/entry/monitor/data: 1 zero or negative values at points 3; expected positive counts"
     with pytest.raises(InputError) as exc:
         open_scan(bad)
     assert expected in str(exc.value)
@@ -546,9 +587,11 @@ def test_composition_typo_is_rejected_by_config_validation(scan, tmp_path):
         validate_config(data)
 
 
-@pytest.mark.parametrize("composition, needle", [("Li3V2(PO4", "'Li3V2(PO4': unbalanced '('"),
-                                                 ("Xx2O3", "unknown element 'Xx'"),
-                                                 ("0.6 LVP + 0.4 LATP", "'LVP': unknown element 'L'")])
+@pytest.mark.parametrize("composition, needle", [
+    ("Li3V2(PO4", "'Li3V2(PO4': unbalanced '(' (expected a ')' after each '(')"),
+    ("Xx2O3", "'Xx2O3': unknown element 'Xx' (expected a chemical symbol such as Li, V, P, O)"),
+    ("0.6 LVP + 0.4 LATP", "'0.6 LVP + 0.4 LATP': mixture term 'LVP': unknown element 'L' (expected a chemical"),
+])
 def test_composition_typo_on_the_pdf_command(tmp_path, composition, needle):
     q = np.linspace(0.5, 20, 400)
     pattern = tmp_path / "sample.xy"

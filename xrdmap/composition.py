@@ -66,7 +66,7 @@ def _parse_formula(text: str) -> dict[str, float]:
             last = None
         elif rpar:
             if len(stack) == 1:
-                raise InputError(f"composition {text!r}: unbalanced ')'")
+                raise InputError(f"composition {text!r}: unbalanced ')' (expected a '(' before each ')')")
             group = stack.pop()
             for el, n in group.items():
                 stack[-1][el] = stack[-1].get(el, 0.0) + n
@@ -74,7 +74,10 @@ def _parse_formula(text: str) -> dict[str, float]:
         else:
             count = float(number)
             if last is None:
-                raise InputError(f"composition {text!r}: number {number!r} does not follow an element or ')'")
+                raise InputError(
+                    f"composition {text!r}: number {number!r} does not follow an element or ')' "
+                    "(expected counts after what they count, as in Li3V2(PO4)3)"
+                )
             if isinstance(last, str):
                 stack[-1][last] += count - 1.0
             else:
@@ -82,7 +85,7 @@ def _parse_formula(text: str) -> dict[str, float]:
                     stack[-1][el] += n * (count - 1.0)
             last = None
     if len(stack) != 1:
-        raise InputError(f"composition {text!r}: unbalanced '('")
+        raise InputError(f"composition {text!r}: unbalanced '(' (expected a ')' after each '(')")
     counts = {el: n for el, n in stack[0].items() if n != 0}
     if not counts or any(n < 0 for n in counts.values()):
         raise InputError(f"composition {text!r}: expected at least one element with a positive count")
@@ -116,13 +119,17 @@ def parse_composition(text: str | Mapping[str, float]) -> dict[str, float]:
         m = _MIXTURE_TERM.match(term)
         if m is None:
             raise InputError(
-                f"composition {text!r}: mixture term {term.strip()!r} should be 'weight formula', e.g. '0.6 Li3V2(PO4)3'"
+                f"composition {text!r}: mixture term {term.strip()!r}: expected 'weight formula', e.g. '0.6 Li3V2(PO4)3'"
             )
         w = float(m.group(1))
         if w <= 0:
-            raise InputError(f"composition {text!r}: mixture weight {w} must be positive")
+            raise InputError(f"composition {text!r}: mixture weight {w}: expected a positive weight")
         weights.append(w)
-        formulas.append(_parse_formula(m.group(2)))
+        try:
+            formulas.append(_parse_formula(m.group(2)))
+        except InputError as exc:  # name the whole composition, not only the term
+            term_error = str(exc).removeprefix("composition ")
+            raise InputError(f"composition {text!r}: mixture term {term_error}") from None
     moles = [w / formula_mass(f) for w, f in zip(weights, formulas)]
     mean_mass = 1.0 / sum(moles) * sum(weights)
     total: dict[str, float] = {}

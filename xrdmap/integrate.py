@@ -295,15 +295,17 @@ def make_spec(
     ai = make_integrator(cfg)
     det = ai.detector
     det_shape = tuple(int(s) for s in det.shape) if det.shape is not None else None
+    label = f"PONI file {str(poni)!r}" if isinstance(poni, (str, Path)) else "the PONI dictionary"
     if shape is None:
         if det_shape is None:
-            raise InputError(f"PONI detector {det.name} has no fixed shape: give the frame shape")
+            raise InputError(f"{label}: detector {det.name} has no fixed shape; expected the frame shape to be given")
         shape = det_shape
     shape = tuple(int(s) for s in shape)
     if len(shape) != 2:
         raise InputError(f"frame shape {shape}: expected 2 dimensions (y, x)")
     if det_shape is not None and shape != det_shape:
-        raise InputError(f"frames have shape {shape} but the PONI detector {det.name} expects {det_shape}")
+        raise InputError(f"frames have shape {shape} but {label} is for detector {det.name}, which expects "
+                         f"{det_shape}; expected a PONI of the detector that recorded the frames")
     if isinstance(npt, bool) or not isinstance(npt, (int, np.integer)) or npt < 2:
         raise InputError(f"npt {npt!r}: expected an integer number of q bins >= 2")
     if error_model is not None and str(error_model).lower() == "none":

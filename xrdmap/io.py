@@ -12,15 +12,32 @@ Sources
   group, else the only 3-D dataset; ``frames_path`` overrides the search.
 - Series of single-frame images read by fabio (TIFF, EDF, CBF, ...): a glob pattern
   (naturally sorted, ``frame2`` before ``frame10``) or an explicit list of paths.
+
+Corrupt compressed data
+-----------------------
+The bitshuffle filter (HDF5 filter 32008, with LZ4 or Zstd, as detectors and
+``hdf5plugin.Bitshuffle`` write it) trusts the block sizes stored inside each chunk: a chunk
+whose sizes are garbled makes the decoder read outside the chunk and kill the process with
+SIGSEGV, with no message. Before h5py decodes such a dataset, every chunk a read touches is
+fetched raw (``read_direct_chunk``) and its block structure checked against its length, so
+that a corrupt chunk is an :class:`~xrdmap.errors.InputError` naming the file, dataset and
+frames. The blocks themselves are then decoded with bounds-checked LZ4/Zstd calls, which
+report a corrupt payload as a failed read. The sources of a virtual dataset are checked
+the same way when each maps one block of frames (as detector writers lay them out).
+Datasets with other filters, or with bitshuffle combined with another filter, are read by
+h5py unchecked: hdf5plugin's LZ4, Blosc and Blosc2 filters fail the read of a garbled
+chunk, but its Zstd filter can return wrong numbers without an error.
 """
 
 from __future__ import annotations
 
 import glob as _glob
 import hashlib
+import itertools
 import math
 import os
 import re
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -119,6 +136,12 @@ _FILTER_NAMES = {
     32026: "Blosc2",
     307: "bzip2",
 }
+# bitshuffle's HDF5 filter: cd_values[2] is the element size in bytes, cd_values[4] the
+# compression applied after the bit transposition.
+_BITSHUFFLE = 32008
+_BITSHUFFLE_CODECS = {2: "LZ4", 3: "Zstd"}
+_BITSHUFFLE_HEADER = struct.Struct(">QI")
+_BITSHUFFLE_BLOCK = struct.Struct(">I")
 
 
 # --------------------------------------------------------------------------- public API
@@ -314,6 +337,11 @@ def read_image(path: str | os.PathLike, *, dataset: str | None = None) -> np.nda
                     f"image file {str(p)!r}: dataset {dataset} not found (expected a 2-D image dataset)"
                 )
             try:
+                _check_compressed_chunks(
+                    obj,
+                    (None,) * obj.ndim,
+                    f"image file {str(p)!r}: dataset {dataset} could not be read",
+                )
                 data = obj[()]
             except OSError as exc:
                 raise InputError(
@@ -515,6 +543,7 @@ def _read_hdf5_frames(
                 raise InputError(
                     f"{what}: dataset now has shape {ds.shape}, not {tuple(shape)}; the file changed"
                 )
+            _check_compressed_chunks(ds, (frames, *rest), f"{what} could not be read")
             steps = np.diff(frames)
             if frames.size == 1:
                 return ds[(slice(lo, lo + 1), *rest)]
@@ -525,6 +554,185 @@ def _read_hdf5_frames(
         raise
     except (OSError, KeyError, ValueError, RuntimeError) as exc:
         raise InputError(f"{what} could not be read: {exc}") from None
+
+
+def _check_compressed_chunks(ds: h5py.Dataset, selection: Sequence[Any], what: str) -> None:
+    """Check the bitshuffle chunks that reading ``selection`` of ``ds`` would decode.
+
+    ``selection`` holds, per axis, an int, a slice or an array of indices (``None``: the
+    whole dataset). Does nothing unless bitshuffle with compression is the dataset's only
+    filter (see the module notes: its decoder trusts the block sizes stored in a chunk).
+    For a virtual dataset the source datasets are checked, where each source maps one
+    block of the virtual dataset onto one block of the source (as detector writers lay
+    them out); sources mapped otherwise are read unchecked.
+
+    Raises
+    ------
+    InputError
+        A chunk's block structure does not fit its stored length; the message starts with
+        ``what`` and names the chunk (its frames for a 3-D stack).
+    """
+    if ds.is_virtual:
+        _check_virtual_sources(ds, selection, what)
+        return
+    found = _bitshuffle_filter(ds)
+    if found is None:
+        return
+    codec, elem_size = found
+    chunks = ds.chunks
+    nbytes = math.prod(chunks) * ds.dtype.itemsize
+    cells = [
+        _chunk_indices(index, size, chunk)
+        for index, size, chunk in zip(selection, ds.shape, chunks, strict=True)
+    ]
+    for cell in itertools.product(*cells):
+        offset = tuple(int(i) * c for i, c in zip(cell, chunks, strict=True))
+        try:
+            filter_mask, raw = ds.id.read_direct_chunk(offset)
+        except (OSError, RuntimeError, ValueError, KeyError):
+            continue  # not allocated (reads as the fill value), or unreadable: h5py reports it
+        if filter_mask & 1:
+            continue  # this chunk was stored without the filter
+        problem = _bitshuffle_problem(raw, nbytes, elem_size)
+        if problem is not None:
+            if ds.ndim == 3:
+                first, last = offset[0], min(offset[0] + chunks[0], ds.shape[0]) - 1
+                where = f"frame {first}" if first == last else f"frames {first}..{last}"
+                where += f" (HDF5 chunk at {offset})"
+            else:
+                where = f"the HDF5 chunk at {offset}"
+            raise InputError(
+                f"{what}: {where} is a corrupt bitshuffle-{codec} chunk ({problem}); "
+                "expected intact compressed data"
+            )
+
+
+def _bitshuffle_filter(ds: h5py.Dataset) -> tuple[str, int] | None:
+    """(codec, element bytes) when bitshuffle with LZ4/Zstd is the dataset's only filter."""
+    if ds.chunks is None:
+        return None
+    try:
+        plist = ds.id.get_create_plist()
+        if plist.get_nfilters() != 1:
+            return None
+        code, _flags, values, _name = plist.get_filter(0)
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+    if code != _BITSHUFFLE or len(values) < 5 or values[4] not in _BITSHUFFLE_CODECS:
+        return None
+    return _BITSHUFFLE_CODECS[values[4]], int(values[2]) or ds.dtype.itemsize
+
+
+def _chunk_indices(index: Any, size: int, chunk: int) -> np.ndarray:
+    """Chunk numbers along one axis that an int, slice, index array or None touches."""
+    if index is None:
+        return np.arange(-(-size // chunk))
+    return np.unique(_axis_indices(index, size) // chunk)
+
+
+def _axis_indices(index: Any, size: int) -> np.ndarray:
+    """Sorted distinct indices along one axis that an int, slice, index array or None picks."""
+    if index is None:
+        return np.arange(size)
+    if isinstance(index, slice):
+        return np.arange(*index.indices(size))
+    return np.unique(np.asarray(index, dtype=np.int64).reshape(-1) % size)
+
+
+def _check_virtual_sources(ds: h5py.Dataset, selection: Sequence[Any], what: str) -> None:
+    """:func:`_check_compressed_chunks` on the sources that a read of virtual ``ds`` touches."""
+    wanted = [_axis_indices(index, size) for index, size in zip(selection, ds.shape, strict=True)]
+    folder = os.path.dirname(os.path.abspath(ds.file.filename))
+    try:
+        mappings = ds.virtual_sources()
+    except (OSError, RuntimeError, ValueError):
+        return
+    boxes = [(_selected_box(vmap.vspace, ds.shape), vmap) for vmap in mappings]
+    # in the order of the virtual dataset: an error names its first corrupt frames
+    for vbox, vmap in sorted((b for b in boxes if b[0] is not None), key=lambda b: b[0]):
+        parts = [
+            idx[(idx >= lo) & (idx <= hi)] - lo for idx, (lo, hi) in zip(wanted, vbox, strict=True)
+        ]
+        if any(p.size == 0 for p in parts):
+            continue
+        if vmap.file_name == ".":
+            _check_virtual_source(ds.file, ds.file.filename, vmap, vbox, parts, what)
+            continue
+        path = os.path.join(folder, vmap.file_name)  # HDF5 looks beside the virtual file too
+        try:
+            source = h5py.File(path, "r", locking=False)
+        except OSError:
+            continue  # h5py reads a missing source as the fill value
+        with source:
+            _check_virtual_source(source, path, vmap, vbox, parts, what)
+
+
+def _check_virtual_source(f: h5py.File, path: str, vmap, vbox, parts, what: str) -> None:
+    src = _child(f, vmap.dset_name)
+    if not isinstance(src, h5py.Dataset) or src.ndim != len(vbox):
+        return
+    sbox = _selected_box(vmap.src_space, src.shape)
+    if sbox is None or [b - a for a, b in sbox] != [b - a for a, b in vbox]:
+        return
+    shifted = [p + lo for p, (lo, _) in zip(parts, sbox, strict=True)]
+    _check_compressed_chunks(src, shifted, f"{what}: source file {path!r} dataset {src.name}")
+
+
+def _selected_box(space: Any, shape: Sequence[int]) -> list[tuple[int, int]] | None:
+    """(first, last) per axis when a dataspace selection is one whole box, else None."""
+    try:
+        kind = space.get_select_type()
+        if kind == h5py.h5s.SEL_ALL:
+            return [(0, int(n) - 1) for n in shape]
+        if kind != h5py.h5s.SEL_HYPERSLABS:
+            return None
+        first, last = space.get_select_bounds()
+        if space.get_select_npoints() != math.prod(b - a + 1 for a, b in zip(first, last)):
+            return None  # strided or several blocks
+    except (OSError, RuntimeError, ValueError):
+        return None  # e.g. an unlimited selection of a growing virtual dataset
+    if len(first) != len(shape):
+        return None
+    return [(int(a), int(b)) for a, b in zip(first, last)]
+
+
+def _bitshuffle_problem(raw: bytes, nbytes: int, elem_size: int) -> str | None:
+    """Why ``raw`` is not a well-formed bitshuffle chunk of ``nbytes`` bytes; None if it is.
+
+    The layout, as bitshuffle's HDF5 filter writes it: a 12-byte header (big-endian uint64
+    uncompressed bytes, uint32 bytes per block), then per block a big-endian uint32
+    compressed size and that many compressed bytes. The blocks hold the elements in runs of
+    the header's block size, then one shorter block of the remaining elements rounded down
+    to a multiple of 8; the last (elements mod 8) elements follow uncompressed.
+    """
+    if len(raw) < _BITSHUFFLE_HEADER.size:
+        return f"{len(raw)} bytes, shorter than the {_BITSHUFFLE_HEADER.size}-byte header"
+    total, block_bytes = _BITSHUFFLE_HEADER.unpack_from(raw)
+    if total != nbytes:
+        return f"header gives {total} uncompressed bytes, expected {nbytes}"
+    if nbytes % elem_size:
+        return f"{nbytes} bytes is not a whole number of {elem_size}-byte elements"
+    block = block_bytes // elem_size
+    if block == 0 or block % 8 or block_bytes % elem_size:
+        return f"header gives blocks of {block_bytes} bytes, expected a multiple of {8 * elem_size}"
+    n = nbytes // elem_size
+    n_blocks = n // block + (n % block >= 8)
+    end = len(raw) - n % 8 * elem_size
+    pos = _BITSHUFFLE_HEADER.size
+    unpack = _BITSHUFFLE_BLOCK.unpack_from
+    for i in range(n_blocks):
+        if pos + _BITSHUFFLE_BLOCK.size > end:
+            return f"{len(raw)} bytes end inside block {i + 1} of {n_blocks}"
+        (size,) = unpack(raw, pos)
+        pos += _BITSHUFFLE_BLOCK.size + size
+        if pos > end:
+            return (
+                f"block {i + 1} of {n_blocks} gives {size} compressed bytes, "
+                f"more than the {end - pos + size} bytes left"
+            )
+    if pos != end:
+        return f"{end - pos} bytes more than its {n_blocks} blocks hold"
+    return None
 
 
 def _read_image_frames(
@@ -897,22 +1105,29 @@ def _scaled(ds: h5py.Dataset, key: str) -> tuple[np.ndarray, str] | None:
     table = _LENGTH_TO_MM if key == "position" else _TIME_TO_S if key == "time" else None
     values = _read_small(ds, key)
     if table is None:
-        return values, ds.name
+        return values, _origin(ds)
     if not units:
-        return values, f"{ds.name} (no units: taken as {'mm' if key == 'position' else 's'})"
+        return values, f"{_origin(ds)} (no units: taken as {'mm' if key == 'position' else 's'})"
     scale = table.get(units) or table.get(units.lower())
     if scale is None:
         return None
     if values.dtype.kind in "biuf":
         values = values.astype(float) * scale
-    return values, f"{ds.name} ({units})"
+    return values, f"{_origin(ds)} ({units})"
+
+
+def _origin(ds: h5py.Dataset) -> str:
+    """``file.h5:/path`` of a dataset (the ``*_path`` syntax): where coordinate values came from."""
+    return f"{ds.file.filename}:{ds.name}"
 
 
 def _read_small(ds: h5py.Dataset, key: str) -> np.ndarray:
+    what = f"{key} dataset {ds.name} in {ds.file.filename!r} could not be read"
+    _check_compressed_chunks(ds, (None,) * ds.ndim, what)
     try:
         return np.asarray(ds[()])
     except (OSError, TypeError, ValueError) as exc:
-        raise InputError(f"{key} dataset {ds.name} could not be read: {exc}") from None
+        raise InputError(f"{what}: {exc}") from None
 
 
 def _axis_kind(ds: h5py.Dataset) -> str | None:
@@ -965,7 +1180,7 @@ def _point_axes(group: h5py.Group, signal: h5py.Dataset, n: int) -> list[h5py.Da
                 # positions are missing, which must not pass silently
                 kind = _axis_kind(item) or "axis"
                 raise InputError(
-                    f"{kind} values from {item.name}: {item.shape[0]} values but the scan has {n} frames "
+                    f"{kind} values from {_origin(item)}: {item.shape[0]} values but the scan has {n} frames "
                     "(expected one value per frame; a frame or a position is missing)"
                 )
             out.append(item)
@@ -1024,12 +1239,12 @@ def _auto_axes(layout: _Layout, frames: h5py.Dataset, n: int) -> dict[str, tuple
     mons = [m for m in mons if isinstance(m, h5py.Dataset) and m.ndim == 1]
     if len(mons) == 1 and mons[0].shape[0] != n and mons[0].shape[0] > 1:
         raise InputError(
-            f"monitor values from {mons[0].name}: {mons[0].shape[0]} values but the scan has {n} frames "
+            f"monitor values from {_origin(mons[0])}: {mons[0].shape[0]} values but the scan has {n} frames "
             "(expected one value per frame)"
         )
     mons = [m for m in mons if m.shape[0] == n]
     if len(mons) == 1:
-        found["monitor"] = (_read_small(mons[0], "monitor"), mons[0].name)
+        found["monitor"] = (_read_small(mons[0], "monitor"), _origin(mons[0]))
     return found
 
 
