@@ -64,8 +64,13 @@ def error_line(proc: subprocess.CompletedProcess, code: int, *, worker_logs: boo
     assert proc.returncode == code, f"exit {proc.returncode}, expected {code}:\n{proc.stderr[-4000:]}"
     if not worker_logs:
         assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, proc.stderr[-4000:]
+    return error_line_of(proc.stderr)
+
+
+def error_line_of(stderr: str) -> str:
+    """The single ``error:`` line in ``stderr``."""
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, stderr[-4000:]
     return lines[0]
 
 
@@ -817,7 +822,7 @@ def test_worker_killed_mid_integration_gives_identical_numbers(scan, tmp_path):
 
 
 # --------------------------------------------------------------------------------------
-# SIGINT and SIGKILL during `xrdmap run`: keep the checkpoints, resume, same result
+# SIGINT, SIGTERM and SIGKILL during `xrdmap run`: keep the checkpoints, resume, same result
 # --------------------------------------------------------------------------------------
 
 
@@ -849,7 +854,7 @@ def _wait_for_chunk(proc: subprocess.Popen, ckpt: Path, timeout: float = 300) ->
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, code, workers", [(signal.SIGINT, 130, 0), (signal.SIGKILL, -signal.SIGKILL, 0),
-                                                (signal.SIGINT, 130, 2)])
+                                                (signal.SIGINT, 130, 2), (signal.SIGTERM, 143, 2)])
 def test_interrupted_run_keeps_checkpoints_and_resumes(uninterrupted, tmp_path, out, sig, code, workers):
     import psutil
 
@@ -869,8 +874,10 @@ def test_interrupted_run_keeps_checkpoints_and_resumes(uninterrupted, tmp_path, 
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == code, stderr[-3000:]
-    if sig == signal.SIGINT:
+    if sig != signal.SIGKILL:  # caught: unwinds, cleans up, says so
         assert "Traceback" not in stderr
+        if sig == signal.SIGTERM:
+            assert error_line_of(stderr).startswith("error: terminated (SIGTERM)"), stderr[-3000:]
         _, alive = psutil.wait_procs(children, timeout=30)
         assert alive == [], "worker processes outlived the interrupted run"
     kept = sorted(p.name for p in ckpt.glob("chunk_*.npz"))

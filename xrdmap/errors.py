@@ -13,6 +13,7 @@ code  meaning
 4     output cannot be written (permissions, disk full)
 5     computation failed (for example dask workers lost beyond retries)
 130   interrupted (SIGINT); finished work is kept for the next run
+143   terminated (SIGTERM, e.g. a batch system's time limit); finished work is kept
 ====  ===========================================================
 """
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import typer
@@ -59,14 +60,33 @@ def parse_range(text: str | None, name: str) -> tuple[float, float] | None:
     return lo, hi
 
 
+class Terminated(BaseException):
+    """Raised in the main thread by SIGTERM (what a batch system sends at its time limit)."""
+
+
+def _on_sigterm(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+    raise Terminated
+
+
 def main() -> None:
     """Entry point: run the app, turning xrdmap errors into one-line messages.
 
     Exit codes are those of :mod:`xrdmap.errors`; typer itself exits 2 on usage errors
-    and 130 on Ctrl-C.
+    and 130 on Ctrl-C. SIGTERM (SLURM's time limit, ``kill``) unwinds like Ctrl-C --
+    temporary output removed, checkpoints kept -- and exits 143 with a message.
     """
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         app()
     except XrdmapError as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
+    except Terminated:
+        err_console.print(
+            "[bold red]error:[/] terminated (SIGTERM); finished work is kept: run the same command "
+            "again to resume",
+            highlight=False, soft_wrap=True,
+        )
+        sys.exit(143)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
