@@ -50,22 +50,17 @@ def _case(name):
     return cfg, iq, bg, ref
 
 
+def _transform_cfg(cfg, iq, bg, **over):
+    """``transform`` with the parameters of a PDFgetX3 cfg (``over`` replaces some)."""
+    kw = {k: cfg[k] for k in ("composition", "qmin", "qmax", "qmaxinst", "rpoly", "rmin", "rmax",
+                              "rstep", "bgscale")}
+    kw.update(background=bg, **over)
+    return transform(iq, **kw)
+
+
 def _run(name, **over):
     cfg, iq, bg, _ = _case(name)
-    kw = dict(
-        composition=cfg["composition"],
-        qmin=cfg["qmin"],
-        qmax=cfg["qmax"],
-        qmaxinst=cfg["qmaxinst"],
-        rpoly=cfg["rpoly"],
-        rmin=cfg["rmin"],
-        rmax=cfg["rmax"],
-        rstep=cfg["rstep"],
-        background=bg,
-        bgscale=cfg["bgscale"],
-    )
-    kw.update(over)
-    return transform(iq, **kw)
+    return _transform_cfg(cfg, iq, bg, **over)
 
 
 # --------------------------------------------------------------------------------------
@@ -117,19 +112,7 @@ def test_parity_with_pdfgetx3_more_examples(name):
     iq = read_pattern(folder / f"{stem}.chi", **fmt)
     bg = read_pattern(folder / cfg["backgroundfile"], **fmt) if cfg["backgroundfile"] else None
     ref = read_columns(folder / f"{stem}-pdfgetx3.gr")
-    ds = transform(
-        iq,
-        composition=cfg["composition"],
-        qmin=cfg["qmin"],
-        qmax=cfg["qmax"],
-        qmaxinst=cfg["qmaxinst"],
-        rpoly=cfg["rpoly"],
-        rmin=cfg["rmin"],
-        rmax=cfg["rmax"],
-        rstep=cfg["rstep"],
-        background=bg,
-        bgscale=cfg["bgscale"],
-    )
+    ds = _transform_cfg(cfg, iq, bg)
     r = ds["r"].values
     sel = (r >= 1.0) & (r <= 30.0)
     value = rw(ds["gr"].values[sel], np.interp(r[sel], ref[:, 0], ref[:, 1]))

@@ -65,14 +65,8 @@ def dask_client(
 
 @contextlib.contextmanager
 def _open_client(
-    *,
-    workers: int = 2,
-    threads_per_worker: int = 1,
-    scheduler: str | None = None,
-    cluster: str = "local",
-    slurm: dict[str, Any] | None = None,
-    jobs: int = 2,
-    memory_limit: str | None = "auto",
+    *, workers: int, threads_per_worker: int, scheduler: str | None, cluster: str,
+    slurm: dict[str, Any] | None, jobs: int, memory_limit: str | None,
 ) -> Iterator[Any]:
     """The client of :func:`dask_client`, without the quiet teardown."""
     if scheduler:
