@@ -153,19 +153,7 @@ def test_zone_boundaries_within_one_step(runs, layout):
         )
 
 
-_LVP_LOOKALIKE = pytest.mark.xfail(
-    reason="LVP is named anti-NASICON in Q: at the simulator's 384 px resolution (peaks ~0.25 "
-    "A^-1 wide) the monoclinic LVP and the orthorhombic anti-NASICON model of the same framework "
-    "are nearly indistinguishable, and the Bragg-part NMF component of LVP is labelled with the "
-    "other name. The phase fractions (test (b)) still separate them.",
-    strict=False,
-)
-
-
-@pytest.mark.parametrize(
-    "layout",
-    [pytest.param(lay, marks=_LVP_LOOKALIKE) if lay in ("hotspot", "composite") else lay for lay in LAYOUTS],
-)
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_major_phases_named_by_nmf_components(runs, layout):
     ds, truth = runs(layout)
     named = set().union(*(_names(v) for v in ds["q_component_phase"].values))
