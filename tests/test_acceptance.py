@@ -8,7 +8,9 @@ statistics) and run through :func:`xrdmap.pipeline.run` on
 
 (a) every phase present at >= 15 wt% somewhere is named by some Q-space NMF component
     (``q_component_phase``; labels of mixtures list several phases; NMF runs on the
-    Bragg part, the smooth diffuse scattering taken off first);
+    Bragg part, the smooth diffuse scattering taken off first, from the scan's most
+    distinct patterns, so that components are end members such as the composite's
+    core, anti-NASICON + LVP + LATP);
 (b) per-point weight fractions (``phase_fraction``) within 0.05 mean absolute error of
     the truth, per phase and overall;
 (c) zone boundaries (:func:`xrdmap.maps.find_zone_boundaries` on ``phase_fraction``

@@ -7,9 +7,13 @@ Two questions, two functions:
   a lattice stretch of +-3 % and a set of peak widths; the score is the Pearson
   correlation of component and reference after a smooth baseline is projected out of both
   (equivalently ``sqrt(1 - RSS/TSS)`` of the fit ``component ~ a * reference + baseline``
-  with ``a >= 0``). A component whose best score stays below ``min_score`` is reported as
-  ``"unassigned"``: it is never forced onto the nearest name (alpha1-LiVOPO4, for example,
-  has no open structure in the library).
+  with ``a >= 0``). A component whose best score stays below ``min_score``, or whose best
+  match needs a stretch at the limit of the search, is reported as ``"unassigned"``: it
+  is never forced onto the nearest name (alpha1-LiVOPO4, for example, has no open
+  structure in the library). Components of Bragg parts (the diffuse baseline taken off)
+  are compared with references treated the same way; given a whole-scan fit
+  (``scan_fit``), look-alike references are told apart by that fit and mixtures are
+  chosen among the phases it found.
 - :func:`phase_fractions`: non-negative least squares of every pattern on the reference
   patterns plus a smooth background, turned into weight fractions. The references are
   per unit mass of phase (:meth:`xrdmap.phases.Phase.simulate_iq`), so the coefficients
@@ -326,7 +330,12 @@ def assign_components(
         Peak widths tried (see :data:`DEFAULT_WIDTHS`: FWHM in A^-1 for Q, U_iso in A^2
         for r); the best is refined on a log scale between its neighbours.
     min_score : float
-        Lowest score (correlation after baseline removal, -1..1) accepted as a match.
+        Lowest score (correlation after baseline removal, -1..1) accepted as a match. A
+        phase whose best stretch lies at the limit (``1 +- stretch_range``) is not
+        accepted as the main phase: its optimum is outside the plausible range (at coarse
+        resolution an unrelated pattern can reach ``min_score`` by sliding its broad
+        peaks that far); ``component_score`` is then that of the best phase within it
+        (-1 if none).
     max_phases_per_component : int
         1 for single phases only; 2 (default) also tries non-negative mixtures of two of
         the best candidates; more grows the mixture by forward selection over all phases
