@@ -364,7 +364,7 @@ def assign_components(
         continuum of overlapping peaks, and an untreated reference of the right phase
         can then score below a relative at a 2 % stretch.
     scan_fit : xr.Dataset, optional
-        A :func:`phase_fractions` result for the same scan (``phase_amount``,
+        For ``dim="q"``: a :func:`phase_fractions` result (in Q) for the same scan (``phase_amount``,
         ``phase_stretch``, ``phase_width``): the phases it found, with their stretch and
         width fitted on every point at once. Then (1) a best single match that the scan
         fit did not keep but that has a look-alike it kept (references correlating at
@@ -486,6 +486,8 @@ def assign_components(
                 best_score[ic, ip], best_stretch[ic, ip], best_width[ic, ip] = sc, s_best, w_best
                 refined_refs[(ic, ip)] = _simulate(phase, x, dim, s_best, w_best, **sim_kw)
 
+    if scan_fit is not None and (dim != "q" or getattr(scan_fit, "attrs", {}).get("phase_fraction_dim", "q") != "q"):
+        raise InputError(f"scan_fit with dim={dim!r}: expected a phase_fractions result in Q for components in Q")
     present = _present_in_scan(scan_fit, names) if scan_fit is not None else {}
     scan_refs = {n: _simulate(lib[n], x, dim, s, w, **sim_kw) for n, (s, w) in present.items()}
 
