@@ -8,11 +8,13 @@ statistics) and run through :func:`xrdmap.pipeline.run` on
 
 (a) every phase present at >= 15 wt% somewhere is named by some Q-space NMF component
     (``q_component_phase``; labels of mixtures list several phases; NMF runs on the
-    Bragg part, the smooth diffuse scattering taken off first);
+    Bragg part, the smooth diffuse scattering taken off first, from the scan's most
+    distinct patterns, so that components are end members such as the composite's
+    core, anti-NASICON + LVP + LATP);
 (b) per-point weight fractions (``phase_fraction``) within 0.05 mean absolute error of
     the truth, per phase and overall;
-(c) zone boundaries (:func:`xrdmap.maps.find_zone_boundaries` on ``phase_fraction``
-    with ``min_plateau=3``, as a zone of 3 points exists at this step) within one scan step of every
+(c) zone boundaries (:func:`xrdmap.maps.zone_boundaries`, i.e. the default
+    :func:`xrdmap.maps.find_zone_boundaries` on ``phase_fraction``) within one scan step of every
     true boundary across which some phase's weight fraction changes by >= 0.10 (the
     fractions 1.5 steps either side of the boundary). Smaller steps (hotspot core/
     intermediate, 0.06; composite periphery/bulk, 0.06; the multilayer's mirror plane
@@ -132,16 +134,14 @@ def test_phase_fractions_match_truth(runs, layout):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_zone_boundaries_within_one_step(runs, layout):
-    from xrdmap.maps import find_zone_boundaries, zone_boundaries
+    from xrdmap.maps import zone_boundaries
 
     ds, truth = runs(layout)
     pos, frac = truth["position"], truth["fractions"]
     step = float(pos[1] - pos[0])
-    # min_plateau=3: the composite's intermediate zone is 0.3 mm = 3.2 points at this
-    # step; the default (4) merges it into one gradual transition at ~1.03 mm
-    found = np.asarray(find_zone_boundaries(ds["phase_fraction"], min_plateau=3))
-    print(f"\n[{layout}] boundaries true {truth['zones']} found {np.round(found, 3)} "
-          f"(default zone_boundaries: {np.round(zone_boundaries(ds), 3)})")
+    # the defaults: the composite's intermediate zone is 0.3 mm = 3.2 points at this step
+    found = np.asarray(zone_boundaries(ds))
+    print(f"\n[{layout}] boundaries true {truth['zones']} found {np.round(found, 3)}")
     for b in truth["zones"]:
         before = np.interp(b - 1.5 * step, pos, np.arange(pos.size))
         after = np.interp(b + 1.5 * step, pos, np.arange(pos.size))
@@ -153,19 +153,7 @@ def test_zone_boundaries_within_one_step(runs, layout):
         )
 
 
-_LVP_LOOKALIKE = pytest.mark.xfail(
-    reason="LVP is named anti-NASICON in Q: at the simulator's 384 px resolution (peaks ~0.25 "
-    "A^-1 wide) the monoclinic LVP and the orthorhombic anti-NASICON model of the same framework "
-    "are nearly indistinguishable, and the Bragg-part NMF component of LVP is labelled with the "
-    "other name. The phase fractions (test (b)) still separate them.",
-    strict=False,
-)
-
-
-@pytest.mark.parametrize(
-    "layout",
-    [pytest.param(lay, marks=_LVP_LOOKALIKE) if lay in ("hotspot", "composite") else lay for lay in LAYOUTS],
-)
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_major_phases_named_by_nmf_components(runs, layout):
     ds, truth = runs(layout)
     named = set().union(*(_names(v) for v in ds["q_component_phase"].values))

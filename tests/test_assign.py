@@ -235,3 +235,77 @@ def test_end_to_end_on_simulated_hotspot(hotspot_truth):
     pf = phase_fractions(da, {n: full[n] for n in names}, stretch_range=0.03)
     np.testing.assert_allclose(pf.phase_fraction.values, fractions, atol=0.02)
     np.testing.assert_allclose(pf.phase_stretch.values, 1.0, atol=0.002)
+
+
+# ------------------------------------------------------------------ Bragg-part components
+
+
+def _bragg(q, pattern, window=1.0):
+    from xrdmap.series import diffuse_baseline
+
+    da = xr.DataArray(pattern, dims="q", coords={"q": q})
+    return (da - diffuse_baseline(da, window_A=window)).clip(min=0).values
+
+
+@pytest.fixture(scope="module")
+def coarse():
+    """Components as the pipeline's NMF of Bragg parts gives them at coarse resolution
+    (peaks 0.25 A^-1 wide, the diffuse baseline opened off with a 1 A^-1 window)."""
+    full = load_library()
+    q = np.arange(0.5, 20.0, 0.013)
+    rng = np.random.default_rng(5)
+
+    def iq(name):
+        return full[name].simulate_iq(q, fwhm_q=0.25)
+
+    comps = [
+        _bragg(q, iq("LVP")),
+        _bragg(q, 0.6 * iq("LATP") + 0.4 * iq("LVP")),
+        _bragg(q, iq("LTP")),
+        _bragg(q, iq("AlPO4")),
+    ]
+    comps = [c / c.max() + rng.normal(0, 0.003, q.size) for c in comps]
+    da = xr.DataArray(np.array(comps), dims=("component", "q"), coords={"q": q})
+    offered = {n: full[n] for n in ("LVP", "LATP", "LTP", "anti-NASICON", "LVP-Pbcn", "Li3PO4-gamma")}
+    return da, offered
+
+
+def test_bragg_part_references(coarse):
+    da, offered = coarse
+    treated = assign_components(da.isel(component=[0]), offered, diffuse_window_A=1.0)
+    plain = assign_components(da.isel(component=[0]), offered)
+    assert treated.component_phase.values[0] == "LVP"
+    assert abs(treated.component_stretch.values[0] - 1.0) < 0.002
+    # compared like with like, the right phase fits far better than untreated references
+    assert treated.component_score.values[0] > 0.99 > plain.component_phase_score.sel(phase="LVP").values[0]
+
+
+def test_scan_fit_names_mixture_and_lookalike(coarse):
+    da, offered = coarse
+    # a whole-scan fit that found LATP and LVP (at stretch 1, peaks 0.25 A^-1)
+    scan_fit = xr.Dataset(
+        {
+            "phase_amount": (("point", "phase"), [[0.6, 0.4], [1.0, 0.0]]),
+            "phase_stretch": ("phase", [1.0, 1.0]),
+            "phase_width": ("phase", [0.25, 0.25]),
+        },
+        coords={"phase": ["LATP", "LVP"]},
+    )
+    ds = assign_components(da, offered, diffuse_window_A=1.0, scan_fit=scan_fit, max_phases_per_component=4)
+    labels = list(ds.component_phase.values)
+    assert labels[0] == "LVP"
+    assert set(labels[1].split(" + ")) == {"LATP", "LVP"}
+    frac = ds.component_phase_fraction.isel(component=1)
+    assert frac.sel(phase="LATP").item() == pytest.approx(0.6, abs=0.1)
+    assert frac.sel(phase="LVP").item() == pytest.approx(0.4, abs=0.1)
+    # LTP and LATP are one pattern at this resolution: the phase the scan fit kept is named
+    assert labels[2] == "LATP"
+    assert ds.component_phase_score.sel(phase="LTP").values[2] >= ds.component_phase_score.sel(phase="LATP").values[2] - 0.01
+    # a phase not offered stays unassigned, scan fit or not
+    assert labels[3] == UNASSIGNED
+
+
+def test_scan_fit_must_be_a_phase_fit(coarse):
+    da, offered = coarse
+    with pytest.raises(InputError, match="scan_fit"):
+        assign_components(da.isel(component=[0]), offered, scan_fit=xr.Dataset())

@@ -329,3 +329,49 @@ def test_empty_bins_are_left_out_not_fatal():
     everything_missing[4] = np.nan
     with pytest.raises(InputError, match="no finite value"):
         decompose(everything_missing, dim="q")
+
+
+def _end_member_scan(seed: int = 5):
+    """A scan through three zones, each a fixed mixture of four peak patterns (end members
+    that share phases, as the zones of a pellet do); graded between zones, pure inside."""
+    rng = np.random.default_rng(seed)
+    q = np.linspace(0.5, 16.0, 900)
+    phases = np.array([_peaks(q, rng, 10, 0.06) for _ in range(4)])
+    mix = np.array([[0.6, 0.4, 0.0, 0.0], [0.15, 0.25, 0.6, 0.0], [0.55, 0.35, 0.0, 0.1]])
+    ends = mix @ phases
+    # zone fractions along 40 points: rim | bulk | core | bulk | rim, linear ramps between
+    knots = np.array([[0, 0, 1], [0, 0, 1], [1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 1, 0], [1, 0, 0], [1, 0, 0]],
+                     dtype=float)
+    t = np.linspace(0, 1, 40)
+    frac = np.array([np.interp(t, np.linspace(0, 1, len(knots)), knots[:, j]) for j in range(3)]).T
+    data = frac @ ends
+    data += rng.normal(0, 0.003 * data.max(), data.shape)
+    return xr.DataArray(data, dims=("point", "q"), coords={"q": q}), frac, ends
+
+
+def test_spa_start_gives_end_member_components():
+    from xrdmap.decompose import successive_projections
+
+    da, frac, ends = _end_member_scan()
+    picked = successive_projections(np.clip(da.values, 0, None), 3)
+    # each pick is a point where one end member is (nearly) pure, one per end member
+    assert sorted(int(np.argmax(frac[p])) for p in picked) == [0, 1, 2]
+    assert np.all(frac[picked].max(axis=1) > 0.95)
+    spa = NMFDecomposition(n_components=3, init="spa", n_restarts=0).fit(da)
+    ref = NMFDecomposition(n_components=3, init="nndsvd", n_restarts=0).fit(da)
+    active = np.isin(da.q.values, spa.components_.q.values)
+    _, corr = match_components(ends[:, active].T, spa.components_.values.T)
+    assert np.all(corr > 0.99), corr
+    _, wcorr = match_components(frac, spa.weights_.values)
+    assert np.all(wcorr > 0.99), wcorr
+    # an equally good factorisation: the end members cost no reconstruction error
+    assert spa.reconstruction_error_ <= 1.01 * ref.reconstruction_error_
+    # deterministic
+    again = NMFDecomposition(n_components=3, init="spa", n_restarts=0).fit(da)
+    np.testing.assert_array_equal(again.weights_.values, spa.weights_.values)
+
+
+def test_unknown_init_is_a_config_error():
+    da, _, _ = _end_member_scan()
+    with pytest.raises(ConfigError, match="init='svd'"):
+        NMFDecomposition(n_components=2, init="svd").fit(da)

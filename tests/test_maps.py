@@ -145,6 +145,17 @@ def test_minor_phase_zone_detected():
     np.testing.assert_allclose(maps.find_zone_boundaries(pf), [0.475, 0.975], atol=0.05)
 
 
+def test_three_point_intermediate_plateau_kept():
+    # a zone of 3 points whose composition lies between its neighbours' (the composite's
+    # 0.3 mm intermediate zone at a 0.1 mm step) is a zone, not a ramp
+    pos = np.arange(40) * 0.1
+    a = np.where(pos < 1.75, 0.0, np.where(pos < 2.05, 0.4, 0.8))
+    a = a + np.random.default_rng(1).normal(0, 0.02, pos.size)
+    pf = xr.DataArray(np.column_stack([a, 1 - a]), dims=("point", "phase"),
+                      coords={"position": ("point", pos)})
+    np.testing.assert_allclose(maps.find_zone_boundaries(pf), [1.75, 2.05], atol=0.1)
+
+
 def test_long_time_series_is_segmented_in_blocks():
     t = np.arange(5000) * 0.001  # s
     a = np.where((t >= 1.2) & (t < 3.1), 0.7, 0.1) + np.random.default_rng(4).normal(0, 0.02, t.size)

@@ -7,9 +7,13 @@ Two questions, two functions:
   a lattice stretch of +-3 % and a set of peak widths; the score is the Pearson
   correlation of component and reference after a smooth baseline is projected out of both
   (equivalently ``sqrt(1 - RSS/TSS)`` of the fit ``component ~ a * reference + baseline``
-  with ``a >= 0``). A component whose best score stays below ``min_score`` is reported as
-  ``"unassigned"``: it is never forced onto the nearest name (alpha1-LiVOPO4, for example,
-  has no open structure in the library).
+  with ``a >= 0``). A component whose best score stays below ``min_score``, or whose best
+  match needs a stretch at the limit of the search, is reported as ``"unassigned"``: it
+  is never forced onto the nearest name (alpha1-LiVOPO4, for example, has no open
+  structure in the library). Components of Bragg parts (the diffuse baseline taken off)
+  are compared with references treated the same way; given a whole-scan fit
+  (``scan_fit``), look-alike references are told apart by that fit and mixtures are
+  chosen among the phases it found.
 - :func:`phase_fractions`: non-negative least squares of every pattern on the reference
   patterns plus a smooth background, turned into weight fractions. The references are
   per unit mass of phase (:meth:`xrdmap.phases.Phase.simulate_iq`), so the coefficients
@@ -72,9 +76,12 @@ def _phases_dict(phases) -> dict:
 _DIRECT_FWHM_Q = 0.06
 
 
-def _simulate(phase, x: np.ndarray, dim: str, stretch: float, width: float, **gr_kwargs) -> np.ndarray:
+def _simulate(phase, x: np.ndarray, dim: str, stretch: float, width: float, *, bragg_window: float | None = None,
+              bragg_step: float | None = None, **gr_kwargs) -> np.ndarray:
     if dim == "r":
         return np.asarray(phase.simulate_gr(x, stretch=stretch, u_iso=width, **gr_kwargs), dtype=float)
+    if bragg_window:
+        return _bragg_part(phase, x, stretch, width, bragg_window, bragg_step)
     if width <= _DIRECT_FWHM_Q:
         return np.asarray(phase.simulate_iq(x, stretch=stretch, fwhm_q=width), dtype=float)
     from scipy.ndimage import gaussian_filter1d
@@ -84,6 +91,24 @@ def _simulate(phase, x: np.ndarray, dim: str, stretch: float, width: float, **gr
     grid = np.arange(max(x.min() - 4 * width, 1e-3), x.max() + 4 * width + step, step)
     fine = np.asarray(phase.simulate_iq(grid, stretch=stretch, fwhm_q=_DIRECT_FWHM_Q), dtype=float)
     return np.interp(x, grid, gaussian_filter1d(fine, sigma / step, mode="nearest"))
+
+
+def _bragg_part(phase, x: np.ndarray, stretch: float, width: float, window_A: float,
+                step: float | None) -> np.ndarray:
+    """The reference's intensity above its diffuse baseline, as the data's Bragg part.
+
+    :func:`xrdmap.series.diffuse_baseline` (a morphological opening) is not linear: at
+    coarse resolution it also takes off the continuum of overlapping peaks. So a
+    component of Bragg parts is compared with the reference treated the same way, on
+    the data's Q step and with a margin so that the ends are opened as the data were.
+    """
+    from xrdmap.series import diffuse_baseline
+
+    step = float(step) if step else float(np.min(np.diff(np.sort(x))))
+    grid = np.arange(max(x.min() - 2 * window_A, 1e-3), x.max() + 2 * window_A + step, step)
+    ref = xr.DataArray(_simulate(phase, grid, "q", stretch, width), dims="q", coords={"q": grid})
+    bragg = (ref - diffuse_baseline(ref, window_A=window_A)).clip(min=0)
+    return np.interp(x, grid, bragg.values)
 
 
 def _baseline_basis(x: np.ndarray, n_terms: int) -> np.ndarray:
@@ -214,6 +239,57 @@ def _grow_mixture(target, label, score, frac, names, shifted, widths_found, widt
     return " + ".join(names[i] for i in order), cur_score, new
 
 
+def _present_in_scan(scan_fit: xr.Dataset, names: list[str]) -> dict[str, tuple[float, float]]:
+    """Phases a whole-scan fit found (some mass somewhere): name -> (stretch, width)."""
+    need = ("phase_amount", "phase_stretch", "phase_width")
+    if not isinstance(scan_fit, xr.Dataset) or any(v not in scan_fit for v in need):
+        raise InputError(f"scan_fit: expected a phase_fractions result with {', '.join(need)}")
+    out = {}
+    for n in map(str, scan_fit["phase"].values):
+        if n not in names:
+            continue
+        amount = np.nan_to_num(scan_fit["phase_amount"].sel(phase=n).values)
+        s = float(scan_fit["phase_stretch"].sel(phase=n))
+        w = float(scan_fit["phase_width"].sel(phase=n))
+        if amount.max() > 0 and np.isfinite(s) and np.isfinite(w):
+            out[n] = (s, w)
+    return out
+
+
+def _scan_mixture(target: np.ndarray, basis: np.ndarray, refs: dict[str, np.ndarray], gain: float,
+                  min_fraction: float, max_phases: int) -> tuple[list[str], float, dict[str, float]]:
+    """Backward elimination of a component's mixture over the candidate references.
+
+    All candidates are fitted together (NNLS plus baseline); then, one at a time, the
+    phase whose removal costs least is dropped while it has less than ``min_fraction``
+    of the mass or removes less than ``gain`` of the variance left unexplained without
+    it, or while there are more than ``max_phases``. Returns the members by decreasing mass, the unexplained variance ``1 - score^2``
+    and their mass fractions.
+    """
+
+    def fit(members):
+        sc, a = _fit_mixture(target, np.array([refs[m] for m in members]), basis)
+        return 1.0 - sc**2, dict(zip(members, a, strict=True))
+
+    members = list(refs)
+    unexplained, amount = fit(members)
+    while len(members) > 1:
+        total = sum(amount.values())
+        small = [m for m in members if total <= 0 or amount[m] / total < min_fraction]
+        if small:
+            members.remove(min(small, key=amount.get))
+            unexplained, amount = fit(members)
+            continue
+        without, weakest = min((fit([m for m in members if m != n])[0], n) for n in members)
+        if len(members) <= max_phases and without > 0 and (without - unexplained) / without >= gain:
+            break
+        members.remove(weakest)
+        unexplained, amount = fit(members)
+    total = sum(amount.values())
+    frac = {m: (amount[m] / total if total > 0 else 1.0 / len(members)) for m in members}
+    return sorted(members, key=frac.get, reverse=True), unexplained, frac
+
+
 def assign_components(
     components,
     phases=None,
@@ -231,6 +307,10 @@ def assign_components(
     n_runners_up: int = 3,
     n_refine: int = 4,
     gr_kwargs: Mapping | None = None,
+    diffuse_window_A: float | None = None,
+    scan_fit: xr.Dataset | None = None,
+    scan_mixture_gain: float = 0.25,
+    alike: float = 0.99,
 ) -> xr.Dataset:
     """Assign each NMF component to a reference phase, a mixture of phases, or nothing.
 
@@ -251,7 +331,12 @@ def assign_components(
         Peak widths tried (see :data:`DEFAULT_WIDTHS`: FWHM in A^-1 for Q, U_iso in A^2
         for r); the best is refined on a log scale between its neighbours.
     min_score : float
-        Lowest score (correlation after baseline removal, -1..1) accepted as a match.
+        Lowest score (correlation after baseline removal, -1..1) accepted as a match. A
+        phase whose best stretch lies at the limit (``1 +- stretch_range``) is not
+        accepted as the main phase: its optimum is outside the plausible range (at coarse
+        resolution an unrelated pattern can reach ``min_score`` by sliding its broad
+        peaks that far); ``component_score`` is then that of the best phase within it
+        (-1 if none).
     max_phases_per_component : int
         1 for single phases only; 2 (default) also tries non-negative mixtures of two of
         the best candidates; more grows the mixture by forward selection over all phases
@@ -272,6 +357,34 @@ def assign_components(
     n_refine : int
         Number of best phases per component whose stretch and width are refined with
         exact simulations (the others keep the coarse-grid values).
+    diffuse_window_A : float, optional
+        For ``dim="q"`` components of Bragg parts (NMF after
+        :func:`xrdmap.series.diffuse_baseline` with this window, A^-1 was taken off the
+        patterns): the references are treated the same way before they are compared
+        (:func:`_bragg_part`). At coarse resolution the opening also removes the
+        continuum of overlapping peaks, and an untreated reference of the right phase
+        can then score below a relative at a 2 % stretch.
+    scan_fit : xr.Dataset, optional
+        For ``dim="q"``: a :func:`phase_fractions` result (in Q) for the same scan (``phase_amount``,
+        ``phase_stretch``, ``phase_width``): the phases it found, with their stretch and
+        width fitted on every point at once. Then (1) a best single match that the scan
+        fit did not keep but that has a look-alike it kept (references correlating at
+        >= ``alike`` at the scan's peak width, e.g. LTP for LATP, LVP-Pbcn for the
+        anti-NASICON model) is named after that look-alike: one component cannot tell
+        them apart, the joint fit of all points can; (2) mixtures are chosen among the
+        best single match and the scan's phases by backward elimination
+        (:func:`_scan_mixture`, with ``scan_mixture_gain`` and
+        ``min_mixture_fraction``) instead of the pair search and forward growth over the
+        whole library. A component still needs ``min_score`` to be named.
+    scan_mixture_gain : float
+        With ``scan_fit``: the share of the variance left unexplained without it that a
+        phase must explain to stay in a component's mixture. Lower than
+        ``mixture_gain`` because the candidates already passed the whole-scan test; the
+        misfit left is mostly model error of approximate structures, against which a
+        minor phase (18 wt% LVP-Pbcn in LVP at the hotspot's periphery) removes only
+        0.35-0.5 of it.
+    alike : float
+        Correlation above which two references are one pattern at the scan's resolution.
 
     Returns
     -------
@@ -288,6 +401,9 @@ def assign_components(
     _check_dim(dim)
     sim_kw = dict(gr_kwargs or {}) if dim == "r" else {}
     comps = _components_array(components, dim)
+    if dim == "q" and diffuse_window_A:
+        step = np.diff(np.asarray(comps[dim].values, dtype=float))
+        sim_kw = {"bragg_window": float(diffuse_window_A), "bragg_step": float(np.median(step))}
     lib = _phases_dict(phases)
     if not 0 < stretch_range < 0.5 or stretch_step <= 0:
         raise ConfigError(f"stretch_range {stretch_range}, stretch_step {stretch_step}: expected 0 < range < 0.5, step > 0")
@@ -378,14 +494,48 @@ def assign_components(
                 best_score[ic, ip], best_stretch[ic, ip], best_width[ic, ip] = sc, s_best, w_best
                 refined_refs[(ic, ip)] = _simulate(phase, x, dim, s_best, w_best, **sim_kw)
 
+    if scan_fit is not None and (dim != "q" or getattr(scan_fit, "attrs", {}).get("phase_fraction_dim", "q") != "q"):
+        raise InputError(f"scan_fit with dim={dim!r}: expected a phase_fractions result in Q for components in Q")
+    present = _present_in_scan(scan_fit, names) if scan_fit is not None else {}
+    scan_refs = {n: _simulate(lib[n], x, dim, s, w, **sim_kw) for n, (s, w) in present.items()}
+
+    def _name_by_scan(ic: int, i0: int) -> tuple[str, float, dict[int, float]]:
+        """Look-alike resolution and mixture over the scan fit's phases (see scan_fit)."""
+        main = names[i0]
+        if main not in present:
+            width = float(np.median([w for _, w in present.values()]))
+            own = proj(_simulate(lib[main], x, dim, best_stretch[ic, i0], width, **sim_kw))
+            twins = [n for n in present if _corr_rows(proj(scan_refs[n])[None, :], own)[0] >= alike]
+            if twins:
+                main = max(twins, key=lambda n: best_score[ic, names.index(n)])
+        refs = dict(scan_refs)
+        if main not in refs:
+            ip = names.index(main)
+            refs[main] = refined_refs.get((ic, ip), _simulate(lib[main], x, dim, best_stretch[ic, ip],
+                                                               best_width[ic, ip], **sim_kw))
+        members, unexplained, frac = _scan_mixture(
+            y[ic], basis, refs, scan_mixture_gain, min_mixture_fraction, max_phases_per_component,
+        )
+        if members == [main]:
+            return main, float(eligible[ic, names.index(main)]), {names.index(main): 1.0}
+        score = float(np.sqrt(max(0.0, 1.0 - unexplained)))
+        return " + ".join(members), score, {names.index(m): float(frac[m]) for m in members}
+
     labels, scores, main_stretch, main_width, runners = [], [], [], [], []
     fractions = np.zeros((n_c, n_p))
+    # A best stretch at the limit of the search means the optimum lies outside it: not a
+    # match at a plausible lattice (at coarse resolution an unrelated pattern can reach
+    # min_score by sliding its broad peaks as far as allowed).
+    at_limit = np.abs(np.abs(best_stretch - 1.0) - stretch_range) < 0.25 * stretch_step
+    eligible = np.where(at_limit, -1.0, best_score)
     for ic in range(n_c):
-        order = np.argsort(-best_score[ic])
+        order = np.argsort(-eligible[ic])
         i0 = int(order[0])
-        label, score = names[i0], float(best_score[ic, i0])
+        label, score = names[i0], float(eligible[ic, i0])
         frac = {i0: 1.0}
-        if max_phases_per_component >= 2 and n_p > 1:
+        if present:
+            label, score, frac = _name_by_scan(ic, i0)
+        elif max_phases_per_component >= 2 and n_p > 1:
             cands = [int(i) for i in order[:4] if (ic, int(i)) in refined_refs]
             for i, j in itertools.combinations(cands, 2):
                 refs = np.stack([refined_refs[(ic, i)], refined_refs[(ic, j)]])
@@ -400,7 +550,7 @@ def assign_components(
                     label = f"{names[major]} + {names[minor]}"
                     score = sc
                     frac = {i: float(f[0]), j: float(f[1])}
-        if max_phases_per_component > 2 and n_p > 2:
+        if max_phases_per_component > 2 and n_p > 2 and not present:
             label, score, frac = _grow_mixture(
                 yc[ic], label, score, frac, names, shifted, best_width[ic], widths, stretches,
                 max_phases_per_component, mixture_gain, min_mixture_fraction, min_score,

@@ -130,6 +130,11 @@ class DecomposeConfig(_Section):
     min_components: int = Field(2, ge=1)
     max_components: int = Field(5, ge=1)
     random_state: int = 0
+    q_init: Literal["spa", "nndsvd", "nndsvda", "random"] = Field(
+        "spa", description="start of the NMF in Q: 'spa' = the scan's most distinct patterns (end-member "
+        "components, named by reference mixtures); 'nndsvd' = the NMF-mapping app's (mean pattern and differences). "
+        "NMF in r always starts from nndsvd"
+    )
     smoothness: float = Field(0.0, ge=0)
     q_diffuse: Literal["subtract", "keep"] = Field(
         "subtract", description="subtract the smooth diffuse scattering before NMF in Q, so components are Bragg patterns"
@@ -332,6 +337,7 @@ decompose:
   min_components: 2
   max_components: 5
   random_state: 0
+  q_init: spa                # NMF in Q starts at the most distinct patterns (end members); nndsvd: as the NMF-mapping app
   smoothness: 0.0            # > 0: smooth the weights along the scan axis
   q_diffuse: subtract        # NMF in Q on the Bragg part: the smooth diffuse scattering is taken off first
   q_diffuse_window_A: 1.0    # width (A^-1) of that baseline: wider than the Bragg peaks

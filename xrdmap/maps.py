@@ -914,7 +914,7 @@ def _dissolve_transitions(x: np.ndarray, starts: list[int], min_plateau: int, to
 
 def find_zone_boundaries(phase_fraction: xr.DataArray, *, n_zones: int | None = None,
                          max_zones: int = 8, min_size: int = 2, min_change: float = 0.05,
-                         min_plateau: int = 4, penalty: float | None = None,
+                         min_plateau: int = 3, penalty: float | None = None,
                          max_points: int = 1000) -> list[float]:
     """Scan positions where the phase composition changes (change points).
 
@@ -945,7 +945,13 @@ def find_zone_boundaries(phase_fraction: xr.DataArray, *, n_zones: int | None = 
     min_change
         Smallest change of any phase's mean fraction between adjacent zones.
     min_plateau
-        Fewest points of a zone whose composition lies between its neighbours'.
+        Fewest points of a zone whose composition lies between its neighbours'. 3 keeps
+        a 3-point plateau (the simulated composite's 0.3 mm intermediate zone at a 0.094
+        mm step, which 4 merges into one transition); shorter pieces of a ramp are still
+        dissolved, and longer ones by the trend test. Measured on logistic ramps (0.05-0.5
+        mm wide, 0.05/0.1 mm steps, noise 0.02): 6 of 100 split into more than one
+        boundary with 3, 3 of 100 with 4; a 3-point plateau was kept in 10 of 10 with 3,
+        0 of 10 with 4. Raise it for finely sampled graded samples.
     penalty
         Cost of one more boundary, in squared fraction units (overrides the default).
     max_points

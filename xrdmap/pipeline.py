@@ -465,9 +465,14 @@ def analyse(
             data, dim=dim, x_ranges=[tuple(r) for r in ranges],
             n_components=d.components, min_components=d.min_components,
             max_components=d.max_components, random_state=d.random_state, smoothness=d.smoothness,
+            init=d.q_init if dim == "q" else "nndsvd",
         )
         comps = res[f"nmf_{dim}_components"]
-        gr_kwargs = None
+        gr_kwargs = scan_fit = bragg = None
+        if dim == "q":
+            # components are named with the phases the joint fit of all points found
+            fractions = scan_fit = _fractions(ds, phases, decomp, config)
+            bragg = d.q_diffuse_window_A if d.q_diffuse == "subtract" else None
         if dim == "r":
             # references terminated and damped as the data: the run's Q range and Lorch
             # window, and the Q resolution found by the Q-space fit (qdamp = sigma_Q)
@@ -476,14 +481,13 @@ def analyse(
         assigned = assign_components(
             comps, phases, dim=dim, stretch_range=config.phases.stretch_range,
             max_phases_per_component=MAX_PHASES_PER_COMPONENT, gr_kwargs=gr_kwargs,
+            diffuse_window_A=bragg, scan_fit=scan_fit,
         )
         res = res.merge(assigned.rename({v: f"{dim}_{v}" for v in assigned.data_vars}))
         decomp[dim] = res
         ds.attrs.update(res.attrs)  # nmf_{dim}_n_components, _criterion, _x_ranges, ...
         names = ", ".join(str(v) for v in assigned["component_phase"].values)
         log(f"nmf in {dim}: {comps.sizes['component']} components -> {names}")
-        if dim == "q":
-            fractions = _fractions(ds, phases, decomp, config)
     ds = ds.merge(_combine_components(decomp), compat="override", combine_attrs="override")
 
     if fractions is None:
