@@ -50,6 +50,7 @@ class _Runs:
     def __init__(self, root):
         self.root = root
         self.cache = {}
+        self.results = {}  # layout -> result file
 
     def __call__(self, layout: str):
         if layout not in self.cache:
@@ -63,7 +64,9 @@ class _Runs:
             config = config.model_copy(
                 update={"output": config.output.model_copy(update={"figures": False, "report": False})}
             )
-            ds = run(config).dataset
+            outputs = run(config)
+            ds = outputs.dataset
+            self.results[layout] = outputs.result
             with h5py.File(scan, "r") as fh:
                 tr = fh["entry/truth"]
                 truth = {
@@ -162,6 +165,29 @@ def test_major_phases_named_by_nmf_components(runs, layout):
     for name, top in zip(truth["phases"], truth["fractions"].max(axis=0), strict=True):
         if top >= PRESENT:
             assert named & EQUIVALENT.get(name, {name}), f"{layout}: {name} (up to {top:.2f}) not named: {named}"
+
+
+def test_decompose_command_names_the_major_phases(runs, tmp_path):
+    """`xrdmap decompose RESULT --dim q --assign` names phases as `xrdmap run` does (same truth)."""
+    from typer.testing import CliRunner
+
+    from xrdmap.cli import app
+    from xrdmap.results import open_result
+
+    ds, truth = runs("composite")  # the layout whose naming needs the joint fit most
+    k = ds.attrs["nmf_q_n_components"]
+    out = tmp_path / "nmf.h5"
+    result = CliRunner().invoke(app, ["decompose", str(runs.results["composite"]), "--dim", "q", "-k", str(k),
+                                      "--assign", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    got = open_result(out)
+    named = set().union(*(_names(v) for v in got["q_component_phase"].values))
+    for name, top in zip(truth["phases"], truth["fractions"].max(axis=0), strict=True):
+        if top >= PRESENT:
+            assert named & EQUIVALENT.get(name, {name}), f"{name} (up to {top:.2f}) not named: {named}"
+    # the joint fit's per-point fractions come with it, on the truth's scale
+    est = _estimated(got, truth)
+    assert np.abs(est - truth["fractions"]).mean() <= MAE_LIMIT
 
 
 def test_vitreous_rim_flagged(runs):

@@ -37,6 +37,7 @@ __all__ = [
     "UNASSIGNED",
     "assign_components",
     "phase_fractions",
+    "scan_phase_fractions",
 ]
 
 #: Name given to a component that matches no reference well enough.
@@ -1008,3 +1009,36 @@ def select_phases(
         current = best[0]
         chosen.append(best[1])
     return chosen
+
+
+def scan_phase_fractions(iq, phases, *, stretch_range: float = 0.03, select: bool = True) -> xr.Dataset:
+    """Per-point weight fractions of the phases a whole scan needs.
+
+    Fitting every library phase to every point lets near-identical structures (LATP and
+    LiTi2(PO4)3, the anti-NASICON and Pbcn LVP frameworks) share one phase's intensity
+    and puts a few per cent of absent phases everywhere. So, with ``select``: one fit
+    with all ``phases`` gives every phase's stretch and the common peak width, backward
+    elimination (:func:`select_phases`) keeps the phases whose removal would raise the
+    scan's residual by >= 10 % (of near-identical references, the one with more mass),
+    and the final fit (stretches refined) uses those; phases not selected get fraction 0
+    and the attribute ``phase_fraction_selected`` lists the kept ones. Without
+    ``select`` (the user named the phases), exactly ``phases`` are fitted
+    (:func:`phase_fractions`).
+
+    This joint fit is also what :func:`assign_components` ``scan_fit`` takes to name NMF
+    components in Q.
+    """
+    phases = _phases_dict(phases)
+    full = phase_fractions(iq, phases, dim="q", stretch_range=stretch_range)
+    if not select or len(phases) <= 1:
+        return full
+    stretch = {n: float(full["phase_stretch"].sel(phase=n)) for n in phases}
+    width = float(np.nanmedian(full["phase_width"].values))
+    chosen = select_phases(iq, phases, stretch=stretch, width=width, backward=True)
+    if not chosen:
+        return full
+    out = phase_fractions(iq, {n: phases[n] for n in chosen}, dim="q", stretch_range=stretch_range)
+    out = out.reindex(phase=list(phases), fill_value={"phase_fraction": 0.0, "phase_amount": 0.0})
+    out["phase_fraction"] = out["phase_fraction"].where(np.isfinite(out["residual"]))
+    out.attrs["phase_fraction_selected"] = ", ".join(chosen)
+    return out

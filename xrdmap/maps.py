@@ -487,7 +487,9 @@ def _references(ds: xr.Dataset, dim: str, x: np.ndarray, phases) -> list[np.ndar
     From ``reference_iq``/``reference_gr`` (phase, q|r) when the result holds them, else
     simulated from ``phases`` (name -> :class:`xrdmap.phases.Phase`; ``"auto"`` loads the
     shipped library) with the stretch and width the assignment found; mixtures ``"A + B"``
-    are summed with ``{dim}_component_phase_fraction``.
+    are summed with ``{dim}_component_phase_fraction``. When NMF in Q ran on the Bragg
+    part (attribute ``nmf_q_diffuse_window_A``), simulated references get the same
+    treatment.
     """
     names = _component_phase(ds, dim) or []
     n = ds.sizes.get("component", 0)
@@ -539,6 +541,13 @@ def _references(ds: xr.Dataset, dim: str, x: np.ndarray, phases) -> list[np.ndar
             else:
                 total += wt * np.asarray(phase.simulate_gr(x, stretch=s_i, u_iso=w_i), dtype=float)
         out[i] = total
+    window = ds.attrs.get("nmf_q_diffuse_window_A") if dim == "q" else None
+    if window:  # the components are of the Bragg part: treat the references the same way
+        from xrdmap.series import bragg_part
+
+        for i, ref in enumerate(out):
+            if ref is not None:
+                out[i] = bragg_part(xr.DataArray(ref, dims="q", coords={"q": x}), window_A=float(window)).values
     return out
 
 
@@ -585,11 +594,12 @@ def plot_components(ds: xr.Dataset, dim: str = "q", *, phases: Mapping[str, Any]
     if dim == "q":
         ax.set_xlabel("Q (Å$^{-1}$)")
         ax.set_ylabel("intensity (arb. units, offset)")
-        ax.set_title("NMF components (reciprocal space) and reference patterns")
+        ax.set_title("NMF components in Q" + (" (Bragg part)" if ds.attrs.get("nmf_q_diffuse_window_A") else "")
+                     + " and references", loc="left")
     else:
         ax.set_xlabel("r (Å)")
         ax.set_ylabel("G(r) (arb. units, offset)")
-        ax.set_title("NMF components (real space) and reference G(r)")
+        ax.set_title("NMF components in r and reference G(r)", loc="left")
     ranges = nmf_ranges(ds, dim)
     lo_x, hi_x = float(np.nanmin(x)), float(np.nanmax(x))
     if ranges:

@@ -458,9 +458,9 @@ def analyse(
             # the smooth diffuse/self/Compton scattering is common to every point and
             # would become a component of its own; NMF of the Bragg part gives
             # components that are the patterns of phases
-            from xrdmap.series import diffuse_baseline
+            from xrdmap.series import bragg_part
 
-            data = (data - diffuse_baseline(data, window_A=d.q_diffuse_window_A)).clip(min=0)
+            data = bragg_part(data, window_A=d.q_diffuse_window_A)
         res = decompose(
             data, dim=dim, x_ranges=[tuple(r) for r in ranges],
             n_components=d.components, min_components=d.min_components,
@@ -484,6 +484,8 @@ def analyse(
             diffuse_window_A=bragg, scan_fit=scan_fit,
         )
         res = res.merge(assigned.rename({v: f"{dim}_{v}" for v in assigned.data_vars}))
+        if bragg:
+            res.attrs["nmf_q_diffuse_window_A"] = bragg  # NMF ran on the Bragg part
         decomp[dim] = res
         ds.attrs.update(res.attrs)  # nmf_{dim}_n_components, _criterion, _x_ranges, ...
         names = ", ".join(str(v) for v in assigned["component_phase"].values)
@@ -518,34 +520,16 @@ MAX_PHASES_PER_COMPONENT = 4
 
 
 def _fractions(ds: xr.Dataset, phases: dict[str, Any], decomp: dict[str, xr.Dataset], config: RunConfig) -> xr.Dataset:
-    """Per-point weight fractions of the phases the scan needs.
+    """Per-point weight fractions (:func:`xrdmap.assign.scan_phase_fractions`).
 
-    Fitting every library phase to every point lets near-identical structures (LATP and
-    LiTi2(PO4)3, the anti-NASICON and Pbcn LVP frameworks) share one phase's intensity
-    and puts a few per cent of absent phases everywhere. So: one fit with the whole
-    (chosen) library gives every phase's stretch and the common peak width, backward
-    elimination (:func:`xrdmap.assign.select_phases`) keeps the phases whose removal
-    would raise the scan's residual by >= 10 % (of near-identical references, the one with
-    more mass), and the final fit (stretches refined) uses those.
-    With ``phases.names`` set, exactly those phases are fitted. Phases not selected get
-    fraction 0.
+    With ``phases.names`` set, exactly those phases are fitted; otherwise the phases the
+    scan needs are selected from the library first.
     """
-    from xrdmap.assign import phase_fractions, select_phases
+    from xrdmap.assign import scan_phase_fractions
 
-    sr = config.phases.stretch_range
-    full = phase_fractions(ds["iq"], phases, dim="q", stretch_range=sr)
-    if config.phases.names is not None or len(phases) <= 1:
-        return full
-    stretch = {n: float(full["phase_stretch"].sel(phase=n)) for n in phases}
-    width = float(np.nanmedian(full["phase_width"].values))
-    chosen = select_phases(ds["iq"], phases, stretch=stretch, width=width, backward=True)
-    if not chosen:
-        return full
-    out = phase_fractions(ds["iq"], {n: phases[n] for n in chosen}, dim="q", stretch_range=sr)
-    out = out.reindex(phase=list(phases), fill_value={"phase_fraction": 0.0, "phase_amount": 0.0})
-    out["phase_fraction"] = out["phase_fraction"].where(np.isfinite(out["residual"]))
-    out.attrs["phase_fraction_selected"] = ", ".join(chosen)
-    return out
+    return scan_phase_fractions(
+        ds["iq"], phases, stretch_range=config.phases.stretch_range, select=config.phases.names is None
+    )
 
 
 def _gr_settings(ds: xr.Dataset, config: RunConfig, fractions: xr.Dataset) -> dict[str, Any]:

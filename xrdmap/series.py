@@ -23,6 +23,7 @@ from xrdmap.errors import InputError
 __all__ = [
     "crystallinity_index",
     "diffuse_baseline",
+    "bragg_part",
     "peak_descriptors",
     "lattice_scale",
     "detect_events",
@@ -57,6 +58,17 @@ def diffuse_baseline(iq: xr.DataArray, *, window_A: float = 0.4, dim: str = "q")
     base = ndimage.uniform_filter1d(opened, n, axis=axis, mode="nearest")
     smooth = ndimage.uniform_filter1d(values, 5, axis=axis, mode="nearest")
     return iq.copy(data=np.minimum(base, smooth))
+
+
+def bragg_part(iq: xr.DataArray, *, window_A: float = 1.0, dim: str = "q") -> xr.DataArray:
+    """``iq`` minus its :func:`diffuse_baseline`, clipped at zero: the Bragg peaks alone.
+
+    What NMF in Q decomposes by default (``decompose.q_diffuse: subtract``): the smooth
+    diffuse, self and Compton scattering common to every point would otherwise become a
+    component of its own. References are compared after the same treatment
+    (:func:`xrdmap.assign.assign_components` ``diffuse_window_A``).
+    """
+    return (iq - diffuse_baseline(iq, window_A=window_A, dim=dim)).clip(min=0)
 
 
 def crystallinity_index(

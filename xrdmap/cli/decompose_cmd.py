@@ -125,7 +125,21 @@ def decompose_command(
     ),
     smoothness: float = typer.Option(0.0, "--smoothness", help="Gaussian smoothing of the weights (scan points)."),
     random_state: int = typer.Option(0, "--seed", help="Seed of the random restarts."),
-    assign: bool = typer.Option(False, "--assign", help="Name the components after reference phases."),
+    init: str = typer.Option(
+        "auto", "--init", help="NMF start: 'spa' (the most distinct patterns: end-member components), "
+        "'nndsvd' (the NMF-mapping app's), 'nndsvda' or 'random'. 'auto': spa in Q, nndsvd in r, as `xrdmap run`.",
+    ),
+    q_diffuse: str = typer.Option(
+        "subtract", "--q-diffuse", help="In Q: 'subtract' the smooth diffuse scattering first (NMF of the "
+        "Bragg part, as `xrdmap run`) or 'keep' it.",
+    ),
+    q_diffuse_window: float = typer.Option(
+        1.0, "--q-diffuse-window", help="Width (A^-1) of that diffuse baseline: wider than the Bragg peaks.",
+    ),
+    assign: bool = typer.Option(
+        False, "--assign", help="Name the components after reference phases. In Q, as `xrdmap run`: "
+        "the phases come from a joint fit of every pattern, whose per-point phase fractions are saved too.",
+    ),
     phase: list[str] = typer.Option(
         None, "--phase", "-p", help="Reference phase for --assign (library name or NAME=file.cif); "
         "repeat. Default: the whole library.",
@@ -142,6 +156,12 @@ def decompose_command(
 
     if dim not in (None, "q", "r"):
         raise ConfigError(f"--dim {dim!r}: expected 'q' or 'r'")
+    if init not in ("auto", "spa", "nndsvd", "nndsvda", "random"):
+        raise ConfigError(f"--init {init!r}: expected auto, spa, nndsvd, nndsvda or random")
+    if q_diffuse not in ("subtract", "keep"):
+        raise ConfigError(f"--q-diffuse {q_diffuse!r}: expected 'subtract' or 'keep'")
+    if not q_diffuse_window > 0:
+        raise ConfigError(f"--q-diffuse-window {q_diffuse_window!r}: expected a width > 0 (A^-1)")
     if components != "auto":
         try:
             n_comp: int | str = int(components)
@@ -176,16 +196,32 @@ def decompose_command(
 
     results = []
     for d, da in data.items():
+        bragg = q_diffuse == "subtract" and d == "q"
+        if bragg:
+            from xrdmap.series import bragg_part
         res = decompose(
-            da, d, n_components=n_comp, min_components=min_components, max_components=max_components,
-            x_ranges=ranges, smoothness=smoothness, random_state=random_state,
+            bragg_part(da, window_A=q_diffuse_window) if bragg else da, d, n_components=n_comp,
+            min_components=min_components, max_components=max_components, x_ranges=ranges,
+            smoothness=smoothness, random_state=random_state,
+            init=init if init != "auto" else ("spa" if d == "q" else "nndsvd"),
         )
+        if bragg:
+            res.attrs["nmf_q_diffuse_window_A"] = q_diffuse_window  # NMF ran on the Bragg part
         if "file" in da.coords:
             res = res.assign_coords(file=("point", da["file"].values))
         if phases is not None:
-            from xrdmap.assign import assign_components
+            from xrdmap.assign import assign_components, scan_phase_fractions
+            from xrdmap.pipeline import MAX_PHASES_PER_COMPONENT
 
-            assigned = assign_components(res[f"nmf_{d}_components"], phases, dim=d)
+            scan_fit = None
+            if d == "q":
+                scan_fit = scan_phase_fractions(da, phases, select=not phase)
+                res = res.merge(scan_fit, compat="override", combine_attrs="override")
+            assigned = assign_components(
+                res[f"nmf_{d}_components"], phases, dim=d, scan_fit=scan_fit,
+                diffuse_window_A=q_diffuse_window if bragg else None,
+                max_phases_per_component=MAX_PHASES_PER_COMPONENT,
+            )
             res = res.merge(assigned.rename({v: f"{d}_{v}" for v in assigned.data_vars}))
         results.append((d, res))
 
