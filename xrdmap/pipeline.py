@@ -17,6 +17,7 @@ import json
 import shutil
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -470,43 +471,32 @@ def analyse(
     decomp: dict[str, xr.Dataset] = {}
     d = config.decompose
     fractions = None
-    for dim, ranges in (("q", d.q_ranges), ("r", d.r_ranges)):
-        source = "iq" if dim == "q" else "gr"
-        if not ranges or source not in ds:
-            continue
-        from xrdmap.decompose import decompose
-
-        data = ds[source]
-        if dim == "q" and d.q_diffuse == "subtract":
-            # the smooth diffuse/self/Compton scattering is common to every point and
-            # would become a component of its own; NMF of the Bragg part gives
-            # components that are the patterns of phases
-            from xrdmap.series import diffuse_baseline
-
-            data = (data - diffuse_baseline(data, window_A=d.q_diffuse_window_A)).clip(min=0)
-        res = decompose(
-            data, dim=dim, x_ranges=[tuple(r) for r in ranges],
-            n_components=d.components, min_components=d.min_components,
-            max_components=d.max_components, random_state=d.random_state, smoothness=d.smoothness,
-        )
-        comps = res[f"nmf_{dim}_components"]
-        gr_kwargs = None
-        if dim == "r":
-            # references terminated and damped as the data: the run's Q range and Lorch
-            # window, and the Q resolution found by the Q-space fit (qdamp = sigma_Q)
-            fractions = fractions if fractions is not None else _fractions(ds, phases, decomp, config)
-            gr_kwargs = _gr_settings(ds, config, fractions)
-        assigned = assign_components(
-            comps, phases, dim=dim, stretch_range=config.phases.stretch_range,
-            max_phases_per_component=MAX_PHASES_PER_COMPONENT, gr_kwargs=gr_kwargs,
-        )
-        res = res.merge(assigned.rename({v: f"{dim}_{v}" for v in assigned.data_vars}))
-        decomp[dim] = res
-        ds.attrs.update(res.attrs)  # nmf_{dim}_n_components, _criterion, _x_ranges, ...
-        names = ", ".join(str(v) for v in assigned["component_phase"].values)
-        log(f"nmf in {dim}: {comps.sizes['component']} components -> {names}")
-        if dim == "q":
-            fractions = _fractions(ds, phases, decomp, config)
+    wanted = [(dim, ranges) for dim, ranges in (("q", d.q_ranges), ("r", d.r_ranges))
+              if ranges and _SOURCE[dim] in ds]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # the r decomposition needs nothing from the Q branch: a thread computes it beside
+        # it (NMF spends its time in BLAS and Cython that release the GIL: a second core)
+        later = {dim: pool.submit(_decompose, ds[_SOURCE[dim]], dim, ranges, d) for dim, ranges in wanted[1:]}
+        for dim, ranges in wanted:
+            res = later[dim].result() if dim in later else _decompose(ds[_SOURCE[dim]], dim, ranges, d)
+            comps = res[f"nmf_{dim}_components"]
+            gr_kwargs = None
+            if dim == "r":
+                # references terminated and damped as the data: the run's Q range and Lorch
+                # window, and the Q resolution found by the Q-space fit (qdamp = sigma_Q)
+                fractions = fractions if fractions is not None else _fractions(ds, phases, decomp, config)
+                gr_kwargs = _gr_settings(ds, config, fractions)
+            assigned = assign_components(
+                comps, phases, dim=dim, stretch_range=config.phases.stretch_range,
+                max_phases_per_component=MAX_PHASES_PER_COMPONENT, gr_kwargs=gr_kwargs,
+            )
+            res = res.merge(assigned.rename({v: f"{dim}_{v}" for v in assigned.data_vars}))
+            decomp[dim] = res
+            ds.attrs.update(res.attrs)  # nmf_{dim}_n_components, _criterion, _x_ranges, ...
+            names = ", ".join(str(v) for v in assigned["component_phase"].values)
+            log(f"nmf in {dim}: {comps.sizes['component']} components -> {names}")
+            if dim == "q":
+                fractions = _fractions(ds, phases, decomp, config)
     ds = ds.merge(_combine_components(decomp), compat="override", combine_attrs="override")
 
     if fractions is None:
@@ -529,6 +519,27 @@ def analyse(
             log(f"series: amorphous interval from point {desc.attrs['event_onset_point']} "
                 f"to {desc.attrs.get('event_end_point')}")
     return ds
+
+
+_SOURCE = {"q": "iq", "r": "gr"}  # what NMF decomposes along each dimension
+
+
+def _decompose(data: xr.DataArray, dim: str, ranges: list, d: Any) -> xr.Dataset:
+    """NMF of ``data`` (point, ``dim``) with the ``decompose`` settings ``d``."""
+    from xrdmap.decompose import decompose
+
+    if dim == "q" and d.q_diffuse == "subtract":
+        # the smooth diffuse/self/Compton scattering is common to every point and
+        # would become a component of its own; NMF of the Bragg part gives
+        # components that are the patterns of phases
+        from xrdmap.series import diffuse_baseline
+
+        data = (data - diffuse_baseline(data, window_A=d.q_diffuse_window_A)).clip(min=0)
+    return decompose(
+        data, dim=dim, x_ranges=[tuple(r) for r in ranges],
+        n_components=d.components, min_components=d.min_components,
+        max_components=d.max_components, random_state=d.random_state, smoothness=d.smoothness,
+    )
 
 
 #: Phases per NMF component tried by the assignment: components of graded or layered
