@@ -456,8 +456,11 @@ class Phase:
     def _table(self, q_max: float) -> _ReflectionTable:
         table = self._cache.get("reflections")
         if table is None or table.q_max < q_max:
-            # headroom so that the stretches of a lattice search (a few %) reuse the table
-            table = self._compute_table(float(np.ceil(q_max * 1.06)))
+            # headroom so that the stretches of a lattice search (a few %) reuse the table,
+            # and geometric growth so that requests creeping upwards (grids of growing
+            # Q max) rebuild it a few times, not once per request
+            grown = 1.25 * table.q_max if table is not None else 0.0
+            table = self._compute_table(float(np.ceil(max(q_max * 1.06, grown))))
             self._cache["reflections"] = table
         return table
 
