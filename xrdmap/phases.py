@@ -933,11 +933,17 @@ def _form_factor_table(element: str, q_end: float) -> np.ndarray:
     return form_factor(element, np.arange(0.0, q_end + 2 * _FF_STEP, _FF_STEP))
 
 
+@functools.cache
+def _form_factor_grid(size: int) -> np.ndarray:
+    """Q (A^-1) of the ``size`` entries of a form-factor table (made once, not per call)."""
+    return np.arange(size) * _FF_STEP
+
+
 def _cached_form_factor(element: str, q: np.ndarray) -> np.ndarray:
     """Waasmaier-Kirfel f0 (xrdmap.composition.form_factor) tabulated once per element."""
     q_end = max(64.0, float(2 ** np.ceil(np.log2(max(float(np.max(q, initial=0.0)), 1.0)))))
     table = _form_factor_table(element, q_end)
-    return np.interp(q, np.arange(len(table)) * _FF_STEP, table)
+    return np.interp(q, _form_factor_grid(len(table)), table)
 
 
 def _moments(composition: Mapping[str, float], q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
