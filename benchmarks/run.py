@@ -80,16 +80,20 @@ class TreeRSS:
     """Peak memory of this process and all its descendants, sampled in a thread.
 
     ``peak``: the largest sum of RSS over the tree (pages shared between processes, such
-    as libraries, count once per process: an upper bound). ``peak_pss``: the largest sum
-    of PSS (shared pages split between the processes sharing them: what the tree holds).
+    as libraries and the memory-mapped integration engine, count once per process: an
+    upper bound), sampled every ``interval_s``. ``peak_pss``: the largest sum of PSS
+    (shared pages split between the processes sharing them: what the tree holds),
+    sampled every ``pss_interval_s`` -- PSS needs /proc/<pid>/smaps, tens of ms per
+    sample, which every 0.1 s took a third of a core from the workers being measured.
     ``per_process``: the peak RSS of each process (``"main"`` is this one).
     """
 
-    def __init__(self, interval_s: float = 0.1):
+    def __init__(self, interval_s: float = 0.1, pss_interval_s: float = 1.0):
         import psutil
 
         self._proc = psutil.Process()
         self._interval = interval_s
+        self._pss_every = max(1, round(pss_interval_s / interval_s))
         self._stop = threading.Event()
         self.peak = 0
         self.peak_pss = 0
@@ -98,13 +102,13 @@ class TreeRSS:
         self.per_process: dict[int, int] = {}
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def _sample(self) -> None:
+    def _sample(self, pss: bool) -> None:
         import psutil
 
         total, total_pss, count = 0, 0, 0
         for p in [self._proc, *self._proc.children(recursive=True)]:
             try:
-                info = p.memory_full_info()
+                info = p.memory_full_info() if pss else p.memory_info()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             total += info.rss
@@ -113,12 +117,13 @@ class TreeRSS:
             self.per_process[p.pid] = max(self.per_process.get(p.pid, 0), info.rss)
         if total > self.peak:
             self.peak, self.peak_procs = total, count
-        self.peak_pss = max(self.peak_pss, total_pss)
+        if pss:
+            self.peak_pss = max(self.peak_pss, total_pss)
         self.samples += 1
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._sample()
+            self._sample(pss=self.samples % self._pss_every == 0)
             self._stop.wait(self._interval)
 
     def __enter__(self) -> TreeRSS:
@@ -128,7 +133,7 @@ class TreeRSS:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self._sample()
+        self._sample(pss=True)
 
     def describe(self) -> str:
         """``main X GB + others``: peak RSS per process, largest first after this one."""
@@ -366,11 +371,30 @@ class StageTimer:
             setattr(mod, name, fn)
 
 
+def warm_page_cache(path: Path) -> float:
+    """Read ``path`` once (untimed) so that every timed run reads it from the page cache;
+    otherwise whichever run comes first also pays the disk. Returns the seconds it took."""
+    t0 = time.perf_counter()
+    with open(path, "rb") as fh:
+        while fh.read(64 * 2**20):
+            pass
+    return time.perf_counter() - t0
+
+
+def reset_peak_rss() -> None:
+    """Restart this process's VmHWM (Linux), so a stage's peak is not an earlier run's."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def time_pipeline(cfg) -> tuple[float, dict[str, tuple[float, float]], TreeRSS]:
     """Wall time of pipeline.run; per stage function its exclusive time (s) and the peak RSS
     of this process when it ended (MB); tree RSS."""
     from xrdmap import pipeline
 
+    reset_peak_rss()
     with TreeRSS() as mem, StageTimer() as stages:
         t0 = time.perf_counter()
         pipeline.run(cfg)
@@ -423,7 +447,9 @@ def part_stream(args) -> dict:
         shutil.rmtree(outdir, ignore_errors=True)
         outdir.mkdir(parents=True)
         cfg = run_config(scan, outdir, workers, args.npt, args.phases)
+        warm_page_cache(scan)
         t_int, mem_int, threads = time_integration(cfg)
+        t_warm = warm_page_cache(scan)
         t_run, stages, mem_run = time_pipeline(cfg)
         fps_int, fps_run = points / t_int, points / t_run
         ratio = fps_run / fps_int
@@ -432,7 +458,8 @@ def part_stream(args) -> dict:
                        "ratio": ratio, "stages": stages}
         print(f"\n{points} frames of {args.stream_size} x {args.stream_size} px, Bitshuffle-LZ4 HDF5 "
               f"{size_gb:.2f} GB ({scan.name})")
-        print(f"  worker threads: {threads}")
+        print(f"  worker threads: {threads}; the file is read once before each timed run (page cache "
+              f"warm for both; a re-read took {t_warm:.1f} s)")
         print(f"  integrate_scan alone (cluster start + engine build + all frames): {t_int:6.1f} s  "
               f"{fps_int:5.2f} frames/s  peak of tree: RSS {fmt_gb(mem_int.peak)}, PSS {fmt_gb(mem_int.peak_pss)}")
         print(f"  xrdmap run end to end                                  : {t_run:6.1f} s  "
