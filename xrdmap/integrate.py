@@ -2,9 +2,10 @@
 
 The integration is pyFAI's bounding-box pixel splitting (method ``("bbox", "csr",
 "cython")``), re-organised for scans: the sparse integration matrix is built **once** per
-process from pyFAI's geometry, the frame-independent corrections (solid angle,
-polarization, flat field, static mask) are folded into it, and batches of frames are
-reduced by one sparse x dense product instead of one pyFAI call per frame.
+process from pyFAI's geometry (or once per run, saved and memory-mapped by every process,
+with ``engine_dir``), the frame-independent corrections (solid angle, polarization, flat
+field, static mask) are folded into it, and batches of frames are reduced by one sparse x
+dense product instead of one pyFAI call per frame.
 
 For every q bin ``i`` and frame ``f`` (pixel values ``x_j``, pyFAI's bbox coefficients
 ``c_ij``, normalisation ``n_j = flat_j * polarization_j * solid_angle_j``) the result is
