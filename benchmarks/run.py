@@ -86,7 +86,9 @@ class TreeRSS:
     (shared pages split between the processes sharing them: what the tree holds),
     sampled every ``pss_interval_s`` -- PSS needs /proc/<pid>/smaps, tens of ms per
     sample, which every 0.1 s took a third of a core from the workers being measured.
-    ``per_process``: the peak RSS of each process (``"main"`` is this one).
+    ``per_process``: the peak RSS of each process (``"main"`` is this one). ``cpu_s``:
+    CPU seconds (user + system) used meanwhile by the other processes (the dask workers
+    and nannies) and by this one: against the wall time, how much of it they computed.
     """
 
     def __init__(self, interval_s: float = 0.1, pss_interval_s: float = 1.0):
@@ -101,6 +103,9 @@ class TreeRSS:
         self.peak_procs = 0
         self.samples = 0
         self.per_process: dict[int, int] = {}
+        self._cpu: dict[int, float] = {}
+        self._cpu0 = sum(self._proc.cpu_times()[:2])
+        self.main_cpu_s = 0.0
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _sample(self, pss: bool) -> None:
@@ -110,6 +115,8 @@ class TreeRSS:
         for p in [self._proc, *self._proc.children(recursive=True)]:
             try:
                 info = p.memory_full_info() if pss else p.memory_info()
+                if p.pid != self._proc.pid:
+                    self._cpu[p.pid] = sum(p.cpu_times()[:2])
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             total += info.rss
@@ -135,6 +142,12 @@ class TreeRSS:
         self._stop.set()
         self._thread.join()
         self._sample(pss=True)
+        self.main_cpu_s = sum(self._proc.cpu_times()[:2]) - self._cpu0
+
+    @property
+    def cpu_s(self) -> float:
+        """CPU seconds of the child processes (as last sampled before each ended)."""
+        return sum(self._cpu.values())
 
     def describe(self) -> str:
         """``main X GB + others``: peak RSS per process, largest first after this one."""
@@ -498,6 +511,9 @@ def stream_one(args, points: int) -> dict:
     print(f"  integrate_scan alone (cluster start + engine build + all frames): {t_int:6.1f} s  "
           f"{fps_int:5.2f} frames/s  peak of tree: RSS {fmt_gb(mem_int.peak)}, PSS {fmt_gb(mem_int.peak_pss)}")
     print(f"  peak RSS per process during the run (>50 MB): {mem_run.describe()}; {mem_run.samples} samples")
+    for label, t, mem in (("run", t_run, mem_run), ("integration alone", t_int, mem_int)):
+        print(f"  CPU during the {label}: worker processes {mem.cpu_s:5.1f} s ({1000 * mem.cpu_s / points:.0f} ms/frame; "
+              f"{100 * mem.cpu_s / (t * workers):3.0f} % of {workers} x the wall time), this process {mem.main_cpu_s:5.1f} s")
     print("  stages of the run: exclusive wall time of each stage function, peak RSS of the main process "
           "when it ended:")
     print("\n".join(stage_table(stages, t_run)))
