@@ -678,7 +678,10 @@ class Phase:
         if delta2:
             s2 = s2 * np.clip(1.0 - delta2 / d**2, 0.05, None)
         # width classes: Gaussian broadening is a product in Fourier space per class
-        classes, cls = np.unique(np.round(s2, 6), return_inverse=True)
+        if u_iso is not None and not delta2:  # one class: no sort of every pair needed
+            classes, cls = np.round(np.array([2.0 * u_iso]), 6), np.zeros(d.shape, np.intp)
+        else:
+            classes, cls = np.unique(np.round(s2, 6), return_inverse=True)
         if len(classes) > 64:  # r-dependent widths (delta2): bins of 1 % in sigma^2
             log_bin = np.round(np.log(s2) / 0.01)
             bins, cls = np.unique(log_bin, return_inverse=True)
