@@ -15,11 +15,12 @@ clean start; select some with ``--parts``):
 ``stream``
     ``xrdmap run`` (:func:`xrdmap.pipeline.run`: integration, background, PDF, NMF in Q
     and r, phase assignment, fractions, result file, figures, report) on simulated
-    Bitshuffle-LZ4 HDF5 scans of two lengths, against ``integrate_scan`` alone over the
-    same file with the same dask workers. Peak RSS of the process tree (this process +
-    dask nanny and worker processes, sampled every 0.1 s with psutil). Targets: peak
-    <= 2 GB, not growing with the number of frames; end-to-end >= 70 % of the
-    frames/s of integration alone.
+    Bitshuffle-LZ4 HDF5 scans of two lengths (each in a fresh process), against
+    ``integrate_scan`` alone over the same file with the same dask workers (the file
+    read once, untimed, before each, so both read the page cache). Peak RSS of the
+    process tree (this process + dask nanny and worker processes, psutil every 0.1 s;
+    PSS every 1 s). Targets: peak <= 2 GB, not growing with the number of frames;
+    end-to-end >= 70 % of the frames/s of integration alone.
 ``scaling``
     Integration of the longer scan on a LocalCluster of 1 and of 2 worker processes
     (processes=True, threads_per_worker=1; engines built before timing). Target >= 1.7x.
@@ -80,31 +81,42 @@ class TreeRSS:
     """Peak memory of this process and all its descendants, sampled in a thread.
 
     ``peak``: the largest sum of RSS over the tree (pages shared between processes, such
-    as libraries, count once per process: an upper bound). ``peak_pss``: the largest sum
-    of PSS (shared pages split between the processes sharing them: what the tree holds).
-    ``per_process``: the peak RSS of each process (``"main"`` is this one).
+    as libraries and the memory-mapped integration engine, count once per process: an
+    upper bound), sampled every ``interval_s``. ``peak_pss``: the largest sum of PSS
+    (shared pages split between the processes sharing them: what the tree holds),
+    sampled every ``pss_interval_s`` -- PSS needs /proc/<pid>/smaps, tens of ms per
+    sample, which every 0.1 s took a third of a core from the workers being measured.
+    ``per_process``: the peak RSS of each process (``"main"`` is this one). ``cpu_s``:
+    CPU seconds (user + system) used meanwhile by the other processes (the dask workers
+    and nannies) and by this one: against the wall time, how much of it they computed.
     """
 
-    def __init__(self, interval_s: float = 0.1):
+    def __init__(self, interval_s: float = 0.1, pss_interval_s: float = 1.0):
         import psutil
 
         self._proc = psutil.Process()
         self._interval = interval_s
+        self._pss_every = max(1, round(pss_interval_s / interval_s))
         self._stop = threading.Event()
         self.peak = 0
         self.peak_pss = 0
         self.peak_procs = 0
         self.samples = 0
         self.per_process: dict[int, int] = {}
+        self._cpu: dict[int, float] = {}
+        self._cpu0 = sum(self._proc.cpu_times()[:2])
+        self.main_cpu_s = 0.0
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def _sample(self) -> None:
+    def _sample(self, pss: bool) -> None:
         import psutil
 
         total, total_pss, count = 0, 0, 0
         for p in [self._proc, *self._proc.children(recursive=True)]:
             try:
-                info = p.memory_full_info()
+                info = p.memory_full_info() if pss else p.memory_info()
+                if p.pid != self._proc.pid:
+                    self._cpu[p.pid] = sum(p.cpu_times()[:2])
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             total += info.rss
@@ -113,12 +125,13 @@ class TreeRSS:
             self.per_process[p.pid] = max(self.per_process.get(p.pid, 0), info.rss)
         if total > self.peak:
             self.peak, self.peak_procs = total, count
-        self.peak_pss = max(self.peak_pss, total_pss)
+        if pss:
+            self.peak_pss = max(self.peak_pss, total_pss)
         self.samples += 1
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._sample()
+            self._sample(pss=self.samples % self._pss_every == 0)
             self._stop.wait(self._interval)
 
     def __enter__(self) -> TreeRSS:
@@ -128,7 +141,13 @@ class TreeRSS:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self._sample()
+        self._sample(pss=True)
+        self.main_cpu_s = sum(self._proc.cpu_times()[:2]) - self._cpu0
+
+    @property
+    def cpu_s(self) -> float:
+        """CPU seconds of the child processes (as last sampled before each ended)."""
+        return sum(self._cpu.values())
 
     def describe(self) -> str:
         """``main X GB + others``: peak RSS per process, largest first after this one."""
@@ -366,11 +385,30 @@ class StageTimer:
             setattr(mod, name, fn)
 
 
+def warm_page_cache(path: Path) -> float:
+    """Read ``path`` once (untimed) so that every timed run reads it from the page cache;
+    otherwise whichever run comes first also pays the disk. Returns the seconds it took."""
+    t0 = time.perf_counter()
+    with open(path, "rb") as fh:
+        while fh.read(64 * 2**20):
+            pass
+    return time.perf_counter() - t0
+
+
+def reset_peak_rss() -> None:
+    """Restart this process's VmHWM (Linux), so a stage's peak is not an earlier run's."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def time_pipeline(cfg) -> tuple[float, dict[str, tuple[float, float]], TreeRSS]:
     """Wall time of pipeline.run; per stage function its exclusive time (s) and the peak RSS
     of this process when it ended (MB); tree RSS."""
     from xrdmap import pipeline
 
+    reset_peak_rss()
     with TreeRSS() as mem, StageTimer() as stages:
         t0 = time.perf_counter()
         pipeline.run(cfg)
@@ -410,39 +448,27 @@ def stage_table(stages: dict[str, tuple[float, float]], total: float) -> list[st
 
 
 def part_stream(args) -> dict:
-    data_dir = Path(args.data_dir)
     workers = args.workers[-1]
-    res = {}
     print(f"xrdmap run (pipeline.run: integration + background + PDF + NMF q/r + assignment + fractions "
           f"+ result + figures + report), {workers} dask worker processes, npt {args.npt}, "
           f"Q {Q_MIN}-20 A^-1, phases: {', '.join(args.phases) if args.phases else 'the whole shipped library'}")
+    if len(args.stream_points) == 1:
+        return stream_one(args, args.stream_points[0])
+    # one clean process per scan length: a run's peak must not include the heap left
+    # behind by the runs measured before it in the same process
+    res = {}
     for points in args.stream_points:
-        scan = ensure_scan(data_dir, args.stream_size, points)
-        size_gb = scan.stat().st_size / GB
-        outdir = data_dir / f"run_{args.stream_size}px_{points}"
-        shutil.rmtree(outdir, ignore_errors=True)
-        outdir.mkdir(parents=True)
-        cfg = run_config(scan, outdir, workers, args.npt, args.phases)
-        t_int, mem_int, threads = time_integration(cfg)
-        t_run, stages, mem_run = time_pipeline(cfg)
-        fps_int, fps_run = points / t_int, points / t_run
-        ratio = fps_run / fps_int
-        res[points] = {"t_int": t_int, "t_run": t_run, "peak_run": mem_run.peak, "peak_int": mem_int.peak,
-                       "pss_run": mem_run.peak_pss,
-                       "ratio": ratio, "stages": stages}
-        print(f"\n{points} frames of {args.stream_size} x {args.stream_size} px, Bitshuffle-LZ4 HDF5 "
-              f"{size_gb:.2f} GB ({scan.name})")
-        print(f"  worker threads: {threads}")
-        print(f"  integrate_scan alone (cluster start + engine build + all frames): {t_int:6.1f} s  "
-              f"{fps_int:5.2f} frames/s  peak of tree: RSS {fmt_gb(mem_int.peak)}, PSS {fmt_gb(mem_int.peak_pss)}")
-        print(f"  xrdmap run end to end                                  : {t_run:6.1f} s  "
-              f"{fps_run:5.2f} frames/s  peak of tree: RSS {fmt_gb(mem_run.peak)}, PSS {fmt_gb(mem_run.peak_pss)}")
-        print(f"  peak RSS per process during the run (>50 MB): {mem_run.describe()}; {mem_run.samples} samples")
-        print("  stages of the run: exclusive wall time of each stage function, peak RSS of the main process "
-              "when it ended:")
-        print("\n".join(stage_table(stages, t_run)))
-        print(f"  RATIO end-to-end / integration alone: {ratio:5.2f}  (target >= 0.70)   "
-              f"{'PASS' if ratio >= 0.7 else 'MISS'}")
+        cmd = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--stream-points", str(points)]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        for line in proc.stdout.splitlines():
+            if line.startswith("RESULT-JSON "):
+                res.update({int(k): v for k, v in json.loads(line[len("RESULT-JSON "):]).items()})
+            elif not line.startswith("xrdmap run (pipeline.run"):
+                print(line)
+        if proc.returncode:
+            print(f"stream measurement of {points} frames FAILED (exit code {proc.returncode})")
+    if len(res) < 2:
+        return {str(k): v for k, v in res.items()}
     small, big = min(res), max(res)
     peak = max(r["peak_run"] for r in res.values())
     growth = res[big]["peak_run"] / res[small]["peak_run"]
@@ -454,6 +480,47 @@ def part_stream(args) -> dict:
     print(f"RATIO peak RSS {big} / {small} frames: {growth:5.2f}  (target: not growing, <= 1.15)   "
           f"{'PASS' if growth <= 1.15 else 'MISS'}")
     return {str(k): v for k, v in res.items()}
+
+
+def stream_one(args, points: int) -> dict:
+    """``xrdmap run`` and ``integrate_scan`` alone on the ``points``-frame scan, in this process.
+
+    The run is measured first (its memory peak from a fresh process), then integration
+    alone; the scan file is read once, untimed, before each, so both read the page cache.
+    """
+    data_dir = Path(args.data_dir)
+    workers = args.workers[-1]
+    scan = ensure_scan(data_dir, args.stream_size, points)
+    size_gb = scan.stat().st_size / GB
+    outdir = data_dir / f"run_{args.stream_size}px_{points}"
+    shutil.rmtree(outdir, ignore_errors=True)
+    outdir.mkdir(parents=True)
+    cfg = run_config(scan, outdir, workers, args.npt, args.phases)
+    warm_page_cache(scan)
+    t_run, stages, mem_run = time_pipeline(cfg)
+    t_warm = warm_page_cache(scan)
+    t_int, mem_int, threads = time_integration(cfg)
+    fps_int, fps_run = points / t_int, points / t_run
+    ratio = fps_run / fps_int
+    print(f"\n{points} frames of {args.stream_size} x {args.stream_size} px, Bitshuffle-LZ4 HDF5 "
+          f"{size_gb:.2f} GB ({scan.name}); load average {os.getloadavg()[0]:.1f}")
+    print(f"  worker threads: {threads}; the file is read once before each timed run (page cache "
+          f"warm for both; a re-read took {t_warm:.1f} s)")
+    print(f"  xrdmap run end to end                                  : {t_run:6.1f} s  "
+          f"{fps_run:5.2f} frames/s  peak of tree: RSS {fmt_gb(mem_run.peak)}, PSS {fmt_gb(mem_run.peak_pss)}")
+    print(f"  integrate_scan alone (cluster start + engine build + all frames): {t_int:6.1f} s  "
+          f"{fps_int:5.2f} frames/s  peak of tree: RSS {fmt_gb(mem_int.peak)}, PSS {fmt_gb(mem_int.peak_pss)}")
+    print(f"  peak RSS per process during the run (>50 MB): {mem_run.describe()}; {mem_run.samples} samples")
+    for label, t, mem in (("run", t_run, mem_run), ("integration alone", t_int, mem_int)):
+        print(f"  CPU during the {label}: worker processes {mem.cpu_s:5.1f} s ({1000 * mem.cpu_s / points:.0f} ms/frame; "
+              f"{100 * mem.cpu_s / (t * workers):3.0f} % of {workers} x the wall time), this process {mem.main_cpu_s:5.1f} s")
+    print("  stages of the run: exclusive wall time of each stage function, peak RSS of the main process "
+          "when it ended:")
+    print("\n".join(stage_table(stages, t_run)))
+    print(f"  RATIO end-to-end / integration alone: {ratio:5.2f}  (target >= 0.70)   "
+          f"{'PASS' if ratio >= 0.7 else 'MISS'}")
+    return {str(points): {"t_int": t_int, "t_run": t_run, "peak_run": mem_run.peak, "peak_int": mem_int.peak,
+                          "pss_run": mem_run.peak_pss, "ratio": ratio, "stages": stages}}
 
 
 # --------------------------------------------------------------------------------------

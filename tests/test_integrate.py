@@ -311,6 +311,54 @@ def test_engine_cache_is_per_spec():
     assert dask.base.tokenize(a) == dask.base.tokenize(b)
 
 
+def _forget_engines(monkeypatch):
+    """A fresh process as far as the engine cache goes."""
+    from collections import OrderedDict
+
+    import xrdmap.integrate as xi
+
+    monkeypatch.setattr(xi, "_ENGINES", OrderedDict())
+
+
+def test_engine_dir_builds_once_and_maps_it(tmp_path, monkeypatch, ai, frames, extras):
+    opts = {"mask": extras["mask"], "dark": extras["dark"], "flat": extras["flat"]}
+    spec = make_spec(PONI, SHAPE, npt=NPT, q_range=Q_RANGE, engine_dir=tmp_path / "engines", **opts)
+    assert spec == make_spec(PONI, SHAPE, npt=NPT, q_range=Q_RANGE, **opts)  # same numbers, same digest
+    _forget_engines(monkeypatch)
+    built = get_engine(spec)
+    (folder,) = [p for p in (tmp_path / "engines").iterdir() if p.is_dir()]
+    assert (folder / "engine.json").is_file() and isinstance(built.arrays["data"], np.memmap)
+    _forget_engines(monkeypatch)
+    mapped = get_engine(spec)  # another process: maps the saved arrays, builds nothing
+    assert mapped is not built and isinstance(mapped.arrays["data"], np.memmap)
+    for blk in mapped.blocks:  # the matrices are views of the mapped files, not copies
+        assert np.shares_memory(blk.w.data, mapped.arrays["data"])
+        assert np.shares_memory(blk.w2.indices, mapped.arrays["indices"])
+    res = mapped.integrate(frames)
+    for k, frame in enumerate(frames):
+        ref = _pyfai(ai, frame, **opts)
+        assert _max_rel(res.iq[k], ref.intensity, ref.intensity) <= RTOL
+        assert _max_rel(res.sigma[k], ref.sigma, ref.intensity) <= RTOL
+    fresh = IntegrationEngine(spec).integrate(frames)
+    np.testing.assert_array_equal(res.iq, fresh.iq)
+    np.testing.assert_array_equal(res.sigma, fresh.sigma)
+
+
+def test_engine_dir_damaged_or_unwritable(tmp_path, monkeypatch, frames):
+    spec = make_spec(PONI, SHAPE, npt=NPT, q_range=Q_RANGE, engine_dir=tmp_path)
+    _forget_engines(monkeypatch)
+    expected = get_engine(spec).integrate(frames[:2]).iq
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    (folder / "data.npy").write_bytes(b"truncated")
+    _forget_engines(monkeypatch)
+    np.testing.assert_array_equal(get_engine(spec).integrate(frames[:2]).iq, expected)  # rebuilt
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    spec = make_spec(PONI, SHAPE, npt=NPT, q_range=Q_RANGE, engine_dir=blocked / "engines")
+    _forget_engines(monkeypatch)
+    np.testing.assert_array_equal(get_engine(spec).integrate(frames[:2]).iq, expected)  # built in memory
+
+
 # ---- the `xrdmap integrate` command -------------------------------------------------------
 
 @pytest.fixture()

@@ -759,7 +759,7 @@ def test_disk_full_while_checkpointing_a_run(scan, tmp_path, out):
     assert "result.h5.checkpoint/chunk_000001.npz" in line and "No space left on device" in line
     assert_kept(out_path, before)
     ckpt = out_path.with_name("result.h5.checkpoint")
-    assert sorted(p.name for p in ckpt.iterdir()) == ["chunk_000000.npz", "key.json"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["chunk_000000.npz", "engine", "key.json"]
 
 
 def test_disk_full_while_writing_the_result_of_a_run(scan, tmp_path, out, monkeypatch):

@@ -22,7 +22,10 @@ Two questions, two functions:
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -77,8 +80,38 @@ def _phases_dict(phases) -> dict:
 _DIRECT_FWHM_Q = 0.06
 
 
+_SIMULATED: OrderedDict = OrderedDict()
+_SIMULATED_LOCK = threading.Lock()
+_SIMULATED_MAX = 512  # patterns of ~2000 points: a few MB
+
+
 def _simulate(phase, x: np.ndarray, dim: str, stretch: float, width: float, *, bragg_window: float | None = None,
               bragg_step: float | None = None, **gr_kwargs) -> np.ndarray:
+    """A phase's reference on ``x`` (read-only array), remembered for repeated requests.
+
+    The stretch and width searches ask for the same (phase, stretch, width) several
+    times (a line search's best point, then the reference kept, then the mixture fit).
+    ``bragg_window``: the reference's Bragg part (see :func:`_bragg_part`).
+    """
+    x = np.ascontiguousarray(x, dtype=float)
+    key = (id(phase), dim, float(stretch), float(width), x.shape, hashlib.blake2b(x.tobytes()).digest(),
+           bragg_window, bragg_step, tuple(sorted(gr_kwargs.items())))
+    with _SIMULATED_LOCK:
+        hit = _SIMULATED.get(key)
+        if hit is not None and hit[0] is phase:
+            _SIMULATED.move_to_end(key)
+            return hit[1]
+    out = _simulate_uncached(phase, x, dim, stretch, width, bragg_window, bragg_step, **gr_kwargs)
+    out.setflags(write=False)
+    with _SIMULATED_LOCK:
+        _SIMULATED[key] = (phase, out)
+        while len(_SIMULATED) > _SIMULATED_MAX:
+            _SIMULATED.popitem(last=False)
+    return out
+
+
+def _simulate_uncached(phase, x: np.ndarray, dim: str, stretch: float, width: float, bragg_window: float | None,
+                       bragg_step: float | None, **gr_kwargs) -> np.ndarray:
     if dim == "r":
         return np.asarray(phase.simulate_gr(x, stretch=stretch, u_iso=width, **gr_kwargs), dtype=float)
     if bragg_window:

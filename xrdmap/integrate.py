@@ -2,9 +2,10 @@
 
 The integration is pyFAI's bounding-box pixel splitting (method ``("bbox", "csr",
 "cython")``), re-organised for scans: the sparse integration matrix is built **once** per
-process from pyFAI's geometry, the frame-independent corrections (solid angle,
-polarization, flat field, static mask) are folded into it, and batches of frames are
-reduced by one sparse x dense product instead of one pyFAI call per frame.
+process from pyFAI's geometry (or once per run, saved and memory-mapped by every process,
+with ``engine_dir``), the frame-independent corrections (solid angle, polarization, flat
+field, static mask) are folded into it, and batches of frames are reduced by one sparse x
+dense product instead of one pyFAI call per frame.
 
 For every q bin ``i`` and frame ``f`` (pixel values ``x_j``, pyFAI's bbox coefficients
 ``c_ij``, normalisation ``n_j = flat_j * polarization_j * solid_angle_j``) the result is
@@ -36,13 +37,15 @@ rows it touches) consume it twice: once for I and once for the variance.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import logging
+import os
+import shutil
 import threading
 import zlib
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -73,6 +76,8 @@ ERROR_MODELS = ("poisson", None)
 # in cache while both the intensity and the variance matrices consume it.
 BATCH_FRAMES = 32
 BLOCK_PIXELS = 32768
+# Version of the saved engine layout (IntegrationEngine.save); part of the folder name.
+ENGINE_FORMAT = 1
 # Chunk size used when integrate_scan gets an in-memory stack (bytes of frames per task).
 CHUNK_BYTES = 128 * 2**20
 
@@ -181,6 +186,10 @@ class IntegrationSpec:
         Counts at or above which a pixel is saturated and left out of its frame;
         ``"auto"``: the largest value of an unsigned-integer frame type (65535 for the
         16-bit PerkinElmer panel), nothing for float frames; ``None``: never.
+    engine_dir
+        Folder where the first process that needs the engine stores its arrays and every
+        other process maps them (see :func:`get_engine`); ``None``: each process builds
+        its own. Not part of the digest: it changes where the engine lives, not its numbers.
     """
 
     poni_json: str
@@ -194,6 +203,7 @@ class IntegrationSpec:
     flat: ArraySource | None = None
     outlier_sigma: float | None = None
     saturation: float | str | None = "auto"
+    engine_dir: str | None = field(default=None, compare=False)
     digest: str = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -255,6 +265,7 @@ def make_spec(
     error_model: str | None = "poisson",
     outlier_sigma: float | None = None,
     saturation: float | str | None = "auto",
+    engine_dir: str | Path | None = None,
 ) -> IntegrationSpec:
     """Validate the integration parameters and bundle them into an :class:`IntegrationSpec`.
 
@@ -284,6 +295,10 @@ def make_spec(
         Saturation level in counts (pixels at or above it are left out of their frame and
         counted in ``masked_pixels``), ``"auto"`` (the maximum of an unsigned-integer frame
         type) or ``None``.
+    engine_dir
+        Folder shared by the processes that integrate (e.g. next to the run's checkpoints):
+        the engine is built once, by the first process that needs it, saved there and
+        memory-mapped by the others. ``None``: every process builds its own.
     """
     from xrdmap.geometry import make_integrator
 
@@ -339,7 +354,8 @@ def make_spec(
         if not saturation > 0:
             raise InputError(f"saturation {saturation}: expected a positive number of counts")
     return IntegrationSpec(poni_json, shape, int(npt), q_range, polarization_factor, error_model,
-                           sources["mask"], sources["dark"], sources["flat"], outlier_sigma, saturation)
+                           sources["mask"], sources["dark"], sources["flat"], outlier_sigma, saturation,
+                           None if engine_dir is None else str(Path(engine_dir).resolve()))
 
 
 def _check_q_range(q_range, ai, shape, npt) -> tuple[float, float]:
@@ -392,96 +408,163 @@ class _Block(NamedTuple):
     dark: np.ndarray | None  # dark_j, float32 (j1 - j0, 1)
 
 
+def _build_arrays(spec: IntegrationSpec, block_pixels: int) -> dict[str, np.ndarray]:
+    """Build the folded integration matrix of ``spec`` from pyFAI, as flat arrays.
+
+    Returns ``q``, ``empty_bins``, ``norm``, ``used``, ``static_mask`` [, ``dark``] and the
+    matrix ``W = c_ij / D_i`` in CSC column blocks of ``block_pixels`` pixels, packed:
+    ``data`` (float32; ``data2`` its squares for the variance), ``indices`` (int32 q rows
+    relative to the block's first row), ``indptr`` (int32, each block's column pointers
+    one after the other) and ``blocks`` (int64 rows ``j0, j1, r0, r1, n0, p0``: pixel
+    range, q-row range, offset in ``data``/``indices`` and in ``indptr``).
+    """
+    from pyFAI.units import to_unit
+
+    from xrdmap.geometry import make_integrator
+
+    shape = spec.shape
+    npix = shape[0] * shape[1]
+    ai = make_integrator(spec.poni)
+    det = ai.detector
+    mask = np.zeros(shape, bool)
+    if det.mask is not None and tuple(det.mask.shape) == shape:
+        mask |= det.mask.astype(bool)
+    if spec.mask is not None:
+        mask |= spec.mask.load()
+    # the normalisation first, then pyFAI's geometry caches are dropped: its CSR set-up
+    # caches detector-sized arrays of its own, and the two sets together made the peak
+    norm = ai.solidAngleArray(shape, True).astype(np.float64)
+    if spec.polarization_factor is not None:
+        norm *= ai.polarization(shape, spec.polarization_factor)
+    ai.reset()
+    unit = to_unit(UNIT)
+    pos0_range = None if spec.q_range is None else tuple(v / unit.scale for v in spec.q_range)
+    csr = ai.setup_sparse_integrator(
+        shape, spec.npt, mask=mask.astype(np.int8), pos0_range=pos0_range,
+        mask_checksum=spec.mask.digest if spec.mask is not None else "none",
+        unit=unit, split=PYFAI_METHOD[0], algo=PYFAI_METHOD[1], empty=0.0, scale=False,
+    )
+    q = np.asarray(csr.bin_centers, dtype=np.float64) * unit.scale
+    data, indices, indptr = (np.array(v) for v in csr.lut)
+    del csr, ai
+    a = sp.csr_matrix((data.astype(np.float64), indices, indptr), shape=(spec.npt, npix))
+    del data, indices, indptr
+    dark = None
+    if spec.flat is not None:
+        norm = norm * spec.flat.load()
+    valid = ~mask & np.isfinite(norm) & (norm != 0)
+    if spec.dark is not None:
+        dark = np.asarray(spec.dark.load(), np.float32)
+        valid &= np.isfinite(dark)
+    valid = valid.ravel()
+    norm = np.where(valid, norm.ravel(), 0.0)
+    a.data *= valid[a.indices]  # statically invalid pixels drop out of every bin
+    denom = a @ norm
+    empty_bins = denom <= 0
+    scale = np.divide(1.0, denom, out=np.zeros_like(denom), where=~empty_bins)
+    a.data *= np.repeat(scale, np.diff(a.indptr))  # row i divided by its normalisation
+    a.eliminate_zeros()
+    w = a.tocsc()
+    del a
+    w.sort_indices()
+    out = {"q": q, "empty_bins": empty_bins, "norm": norm.astype(np.float32),
+           "used": np.diff(w.indptr) > 0,  # pixels that feed at least one bin
+           "static_mask": mask}
+    if dark is not None:
+        out["dark"] = np.where(valid, dark.ravel(), 0.0).astype(np.float32)
+    data32 = w.data.astype(np.float32)
+    indices = np.empty(w.nnz, np.int32)
+    ptrs, blocks = [], []
+    p0 = 0
+    for j0 in range(0, npix, block_pixels):
+        j1 = min(j0 + block_pixels, npix)
+        n0, n1 = int(w.indptr[j0]), int(w.indptr[j1])
+        if n0 == n1:
+            continue
+        rows = w.indices[n0:n1]
+        r0, r1 = int(rows.min()), int(rows.max()) + 1
+        indices[n0:n1] = rows - r0
+        ptrs.append((w.indptr[j0:j1 + 1] - n0).astype(np.int32))
+        blocks.append((j0, j1, r0, r1, n0, p0))
+        p0 += j1 - j0 + 1
+    out.update(data=data32, indices=indices,
+               indptr=np.concatenate(ptrs) if ptrs else np.zeros(0, np.int32),
+               blocks=np.array(blocks, np.int64).reshape(-1, 6))
+    if spec.error_model == "poisson":
+        out["data2"] = data32 * data32
+    return out
+
+
 class IntegrationEngine:
     """Integration matrix of one :class:`IntegrationSpec`, with corrections folded in.
 
-    Built from pyFAI's bbox CSR integrator. Do not pickle it (it is large and refuses);
-    ship the spec and call :func:`get_engine` where the frames are.
+    Built from pyFAI's bbox CSR integrator, or mapped from the arrays an earlier build
+    saved (:meth:`save`, :meth:`load`). Do not pickle it (it is large and refuses); ship
+    the spec and call :func:`get_engine` where the frames are.
     """
 
     def __init__(self, spec: IntegrationSpec, *, block_pixels: int = BLOCK_PIXELS,
-                 batch_frames: int = BATCH_FRAMES) -> None:
-        from pyFAI.units import to_unit
-
+                 batch_frames: int = BATCH_FRAMES, arrays: Mapping[str, np.ndarray] | None = None) -> None:
         from xrdmap.geometry import make_integrator
 
         self.spec = spec
         self._clip_ai = None  # pyFAI integrator of the sigma-clipping path, built on first use
         self.batch_frames = int(batch_frames)
         self.block_pixels = int(block_pixels)
-        shape = spec.shape
-        npix = shape[0] * shape[1]
-        ai = make_integrator(spec.poni)
-        det = ai.detector
+        if arrays is None:
+            arrays = _build_arrays(spec, self.block_pixels)
+        self.arrays = dict(arrays)
+        det = make_integrator(spec.poni).detector
         self._dummy = (det.dummy, det.delta_dummy, det)
-        mask = np.zeros(shape, bool)
-        if det.mask is not None and tuple(det.mask.shape) == shape:
-            mask |= det.mask.astype(bool)
-        if spec.mask is not None:
-            mask |= spec.mask.load()
-        self.static_mask = mask
-        unit = to_unit(UNIT)
-        pos0_range = None if spec.q_range is None else tuple(v / unit.scale for v in spec.q_range)
-        csr = ai.setup_sparse_integrator(
-            shape, spec.npt, mask=mask.astype(np.int8), pos0_range=pos0_range,
-            mask_checksum=spec.mask.digest if spec.mask is not None else "none",
-            unit=unit, split=PYFAI_METHOD[0], algo=PYFAI_METHOD[1], empty=0.0, scale=False,
-        )
-        self.q = np.asarray(csr.bin_centers, dtype=np.float64) * unit.scale
-        data, indices, indptr = (np.array(v) for v in csr.lut)
-        norm = ai.solidAngleArray(shape, True).astype(np.float64)
-        if spec.polarization_factor is not None:
-            norm = norm * ai.polarization(shape, spec.polarization_factor)
-        # pyFAI's integrator caches several detector-sized geometry arrays: free them
-        # before the matrix is reshaped, which keeps the peak memory of a worker down.
-        del csr, ai
-        a = sp.csr_matrix((data.astype(np.float64), indices, indptr), shape=(spec.npt, npix))
-        del data
-        dark = None
-        if spec.flat is not None:
-            norm = norm * spec.flat.load()
-        valid = ~mask & np.isfinite(norm) & (norm != 0)
-        if spec.dark is not None:
-            dark = np.asarray(spec.dark.load(), np.float32)
-            valid &= np.isfinite(dark)
-        valid = valid.ravel()
-        norm = np.where(valid, norm.ravel(), 0.0)
-        a.data *= valid[a.indices]  # statically invalid pixels drop out of every bin
-        denom = a @ norm
-        self.empty_bins = denom <= 0
-        scale = np.divide(1.0, denom, out=np.zeros_like(denom), where=~self.empty_bins)
-        a.data *= np.repeat(scale, np.diff(a.indptr))  # row i divided by its normalisation
-        a.eliminate_zeros()
-        w = a.tocsc()
-        del a
-        w.sort_indices()
-        self.norm = norm.astype(np.float32)
-        self.used = np.diff(w.indptr) > 0  # pixels that feed at least one bin
-        self.dark = None if dark is None else np.where(valid, dark.ravel(), 0.0).astype(np.float32)
-        variance = spec.error_model == "poisson"
-        self.nnz = int(w.nnz)
-        self.blocks = self._split(w, variance, self.block_pixels)
+        self.q = np.asarray(arrays["q"], np.float64)
+        self.empty_bins = np.asarray(arrays["empty_bins"], bool)
+        self.norm = arrays["norm"]
+        self.used = arrays["used"]
+        self.static_mask = arrays["static_mask"]
+        self.dark = arrays.get("dark")
+        self.nnz = int(arrays["data"].size)
+        self.blocks = self._blocks(arrays)
 
-    def _split(self, w: sp.csc_matrix, variance: bool, block_pixels: int) -> list[_Block]:
+    def _blocks(self, arrays: Mapping[str, np.ndarray]) -> list[_Block]:
+        """Views of the packed arrays as one CSC matrix per block of pixels (no copies)."""
+        data, data2, indices, indptr = (arrays.get(k) for k in ("data", "data2", "indices", "indptr"))
+        variance = self.spec.error_model == "poisson"
         blocks = []
-        npix = w.shape[1]
-        data32 = w.data.astype(np.float32)
-        for j0 in range(0, npix, block_pixels):
-            j1 = min(j0 + block_pixels, npix)
-            n0, n1 = int(w.indptr[j0]), int(w.indptr[j1])
-            if n0 == n1:
-                continue
-            rows = w.indices[n0:n1]
-            r0, r1 = int(rows.min()), int(rows.max()) + 1
-            idx = (rows - r0).astype(np.int32)
-            ptr = (w.indptr[j0:j1 + 1] - n0).astype(np.int32)
+        for j0, j1, r0, r1, n0, p0 in np.asarray(arrays["blocks"]).tolist():
+            n1 = n0 + int(indptr[p0 + j1 - j0])
             shape = (r1 - r0, j1 - j0)
-            d = data32[n0:n1]
-            wb = sp.csc_matrix((d, idx, ptr), shape=shape, copy=False)
-            w2b = sp.csc_matrix((d * d, idx, ptr), shape=shape, copy=False) if variance else None
+            parts = (indices[n0:n1], indptr[p0:p0 + j1 - j0 + 1])
+            wb = sp.csc_matrix((data[n0:n1], *parts), shape=shape, copy=False)
+            w2b = sp.csc_matrix((data2[n0:n1], *parts), shape=shape, copy=False) if variance else None
+            for m in (wb, w2b):
+                if m is not None:
+                    m.has_sorted_indices = True  # sorted when built; never re-sorted in place
             dark = None if self.dark is None else self.dark[j0:j1, None]
             blocks.append(_Block(j0, j1, r0, r1, wb, w2b, dark))
         return blocks
+
+    def save(self, folder: str | Path) -> None:
+        """Write the engine's arrays as ``.npy`` files (plus ``engine.json``) into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, arr in self.arrays.items():
+            np.save(folder / f"{name}.npy", np.asarray(arr), allow_pickle=False)
+        meta = {"digest": self.spec.digest, "block_pixels": self.block_pixels, "format": ENGINE_FORMAT,
+                "arrays": sorted(self.arrays)}
+        (folder / "engine.json").write_text(json.dumps(meta))
+
+    @classmethod
+    def load(cls, spec: IntegrationSpec, folder: str | Path, *, mmap: bool = True,
+             batch_frames: int = BATCH_FRAMES) -> IntegrationEngine:
+        """The engine :meth:`save` wrote for ``spec`` into ``folder``, its arrays memory-mapped
+        (read-only; processes that map the same files share their pages)."""
+        folder = Path(folder)
+        meta = json.loads((folder / "engine.json").read_text())
+        if meta.get("digest") != spec.digest or meta.get("format") != ENGINE_FORMAT:
+            raise InputError(f"integration engine in {str(folder)!r} belongs to another integration")
+        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
+                  for name in meta["arrays"]}
+        return cls(spec, block_pixels=int(meta["block_pixels"]), batch_frames=batch_frames, arrays=arrays)
 
     def __reduce__(self):
         raise TypeError("IntegrationEngine must not be pickled: ship its IntegrationSpec and call get_engine()")
@@ -670,18 +753,74 @@ def get_engine(spec: IntegrationSpec) -> IntegrationEngine:
     """The engine of ``spec``, built on first use and cached in this process.
 
     At most two engines are kept (e.g. a sample and its background geometry); threads of
-    one process share them.
+    one process share them. With ``spec.engine_dir`` the processes share one build: the
+    first one builds the engine (the others wait on a file lock), saves its arrays there
+    (temporary folder + rename) and every process memory-maps them, so the build's
+    memory peak happens once and the matrix pages are shared through the page cache.
     """
     with _ENGINES_LOCK:
         engine = _ENGINES.get(spec.digest)
         if engine is None:
-            engine = IntegrationEngine(spec)
+            engine = _shared_engine(spec) if spec.engine_dir else IntegrationEngine(spec)
             _ENGINES[spec.digest] = engine
             while len(_ENGINES) > _MAX_ENGINES:
                 _ENGINES.popitem(last=False)
         else:
             _ENGINES.move_to_end(spec.digest)
         return engine
+
+
+_LOAD_ERRORS = (OSError, ValueError, KeyError, EOFError, InputError)
+
+
+def _engine_folder(spec: IntegrationSpec) -> Path:
+    import pyFAI
+
+    key = f"{spec.digest}|{pyFAI.version}|{ENGINE_FORMAT}|{BLOCK_PIXELS}"
+    return Path(spec.engine_dir) / f"engine-{hashlib.sha256(key.encode()).hexdigest()[:24]}"
+
+
+@contextlib.contextmanager
+def _exclusive(fh: Any) -> Iterator[None]:
+    """Hold an exclusive lock on the open file ``fh`` (between processes; none without fcntl)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover (Windows): concurrent builds, one rename wins
+        yield
+        return
+    fcntl.flock(fh, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _shared_engine(spec: IntegrationSpec) -> IntegrationEngine:
+    """Map the engine saved in ``spec.engine_dir``; build and save it first if absent."""
+    folder = _engine_folder(spec)
+    try:
+        return IntegrationEngine.load(spec, folder)
+    except _LOAD_ERRORS:
+        pass
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        lock_file = open(folder.with_name(folder.name + ".lock"), "a")
+    except OSError:  # the folder cannot be written: build for this process only
+        return IntegrationEngine(spec)
+    with lock_file, _exclusive(lock_file):
+        try:
+            return IntegrationEngine.load(spec, folder)  # built by another process meanwhile
+        except _LOAD_ERRORS:
+            shutil.rmtree(folder, ignore_errors=True)  # absent, or left damaged
+        built = IntegrationEngine(spec)
+        tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+        try:
+            built.save(tmp)
+            os.replace(tmp, folder)
+            return IntegrationEngine.load(spec, folder)
+        except _LOAD_ERRORS:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return built
 
 
 def integrate_frames(frames: np.ndarray, spec: IntegrationSpec, monitor: np.ndarray | None = None) -> IntegratedFrames:
@@ -724,6 +863,7 @@ def integrate_scan(
     chunk_frames: int | None = None,
     outlier_sigma: float | None = None,
     saturation: float | str | None = "auto",
+    engine_dir: str | Path | None = None,
 ) -> xr.Dataset:
     """Azimuthally integrate every frame of a scan, lazily (one dask task per frame chunk).
 
@@ -755,6 +895,10 @@ def integrate_scan(
         Saturation level in counts, ``"auto"`` (the maximum of unsigned-integer frames) or
         ``None``; saturated pixels are left out of their frame and counted in
         ``masked_pixels``.
+    engine_dir
+        Folder shared by the worker processes: the integration engine is built once,
+        saved there and memory-mapped by every worker (see :func:`get_engine`); ``None``:
+        each worker process builds its own.
 
     Returns
     -------
@@ -779,7 +923,7 @@ def integrate_scan(
         raise InputError(f"scan frames have dtype {scan.dtype} but numeric frames were expected")
     spec = make_spec(poni, tuple(scan.shape[1:]), mask=mask, dark=dark, flat=flat, npt=npt,
                      q_range=q_range, polarization_factor=polarization_factor, error_model=error_model,
-                     outlier_sigma=outlier_sigma, saturation=saturation)
+                     outlier_sigma=outlier_sigma, saturation=saturation, engine_dir=engine_dir)
     n = scan.shape[0]
     if chunk_frames is not None and (int(chunk_frames) < 1):
         raise InputError(f"chunk_frames {chunk_frames}: expected a positive number of frames")
@@ -853,22 +997,41 @@ def _describe(src: ArraySource | None) -> str:
     return f"{src.path} sha256:{src.digest}" if src.path else f"array sha256:{src.digest}"
 
 
+_Q_AXES: dict[str, np.ndarray] = {}
+
+
 def _q_axis(spec: IntegrationSpec) -> np.ndarray:
     """Bin centres (A^-1) exactly as pyFAI places them, without building the matrix.
 
-    pyFAI's bbox binning spans [min(q - dq), max(q + dq)] over unmasked pixels (or the
-    requested range); handing its binning class only the two extreme pixels gives the
-    same bins at a fraction of the memory a full engine needs in the client process.
+    pyFAI's bbox binning spans [min(q - dq), max(q + dq)] over unmasked pixels, or the
+    requested range. For a requested range the pixels do not matter: pyFAI's binning
+    class gets one pixel in the middle of it. Otherwise it gets the two extreme pixels,
+    which gives the same bins at a fraction of the memory a full engine needs in the
+    client process. Cached per spec in this process.
     """
     engine = _ENGINES.get(spec.digest)
     if engine is not None:
         return engine.q.copy()
+    if spec.digest not in _Q_AXES:
+        if len(_Q_AXES) >= 8:
+            _Q_AXES.clear()
+        _Q_AXES[spec.digest] = _compute_q_axis(spec)
+    return _Q_AXES[spec.digest].copy()
+
+
+def _compute_q_axis(spec: IntegrationSpec) -> np.ndarray:
     from pyFAI.ext.splitBBoxCSR import HistoBBox1d
     from pyFAI.units import to_unit
 
     from xrdmap.geometry import make_integrator
 
     unit = to_unit(UNIT)
+    if spec.q_range is not None:
+        pos0_range = tuple(v / unit.scale for v in spec.q_range)
+        middle = np.array([0.5 * (pos0_range[0] + pos0_range[1])])
+        bins = HistoBBox1d(middle, np.zeros(1), bins=spec.npt, pos0_range=pos0_range,
+                           allow_pos0_neg=not unit.positive, unit=unit, empty=0.0)
+        return np.asarray(bins.bin_centers, np.float64) * unit.scale
     ai = make_integrator(spec.poni)
     pos0 = ai.array_from_unit(spec.shape, "center", unit, scale=False).ravel()
     dpos0 = ai.array_from_unit(spec.shape, "delta", unit, scale=False).ravel()
@@ -881,15 +1044,6 @@ def _q_axis(spec: IntegrationSpec) -> np.ndarray:
     if idx.size == 0:
         raise InputError("mask excludes every pixel of the detector")
     ends = idx[[np.argmin((pos0 - dpos0)[idx]), np.argmax((pos0 + dpos0)[idx])]]
-    pos0_range = None if spec.q_range is None else tuple(v / unit.scale for v in spec.q_range)
-    # the two extreme pixels may lie outside a requested range: pyFAI then warns that its
-    # (unused) matrix is empty, which says nothing about the bins wanted here
-    quiet = logging.getLogger("pyFAI.ext.sparse_builder")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        bins = HistoBBox1d(pos0[ends], dpos0[ends], bins=spec.npt, pos0_range=pos0_range,
-                           allow_pos0_neg=not unit.positive, unit=unit, empty=0.0)
-    finally:
-        quiet.setLevel(level)
+    bins = HistoBBox1d(pos0[ends], dpos0[ends], bins=spec.npt, pos0_range=None,
+                       allow_pos0_neg=not unit.positive, unit=unit, empty=0.0)
     return np.asarray(bins.bin_centers, np.float64) * unit.scale

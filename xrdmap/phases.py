@@ -456,8 +456,11 @@ class Phase:
     def _table(self, q_max: float) -> _ReflectionTable:
         table = self._cache.get("reflections")
         if table is None or table.q_max < q_max:
-            # headroom so that the stretches of a lattice search (a few %) reuse the table
-            table = self._compute_table(float(np.ceil(q_max * 1.06)))
+            # headroom so that the stretches of a lattice search (a few %) reuse the table,
+            # and geometric growth so that requests creeping upwards (grids of growing
+            # Q max) rebuild it a few times, not once per request
+            grown = 1.25 * table.q_max if table is not None else 0.0
+            table = self._compute_table(float(np.ceil(max(q_max * 1.06, grown))))
             self._cache["reflections"] = table
         return table
 
@@ -675,7 +678,10 @@ class Phase:
         if delta2:
             s2 = s2 * np.clip(1.0 - delta2 / d**2, 0.05, None)
         # width classes: Gaussian broadening is a product in Fourier space per class
-        classes, cls = np.unique(np.round(s2, 6), return_inverse=True)
+        if u_iso is not None and not delta2:  # one class: no sort of every pair needed
+            classes, cls = np.round(np.array([2.0 * u_iso]), 6), np.zeros(d.shape, np.intp)
+        else:
+            classes, cls = np.unique(np.round(s2, 6), return_inverse=True)
         if len(classes) > 64:  # r-dependent widths (delta2): bins of 1 % in sigma^2
             log_bin = np.round(np.log(s2) / 0.01)
             bins, cls = np.unique(log_bin, return_inverse=True)
@@ -930,11 +936,17 @@ def _form_factor_table(element: str, q_end: float) -> np.ndarray:
     return form_factor(element, np.arange(0.0, q_end + 2 * _FF_STEP, _FF_STEP))
 
 
+@functools.cache
+def _form_factor_grid(size: int) -> np.ndarray:
+    """Q (A^-1) of the ``size`` entries of a form-factor table (made once, not per call)."""
+    return np.arange(size) * _FF_STEP
+
+
 def _cached_form_factor(element: str, q: np.ndarray) -> np.ndarray:
     """Waasmaier-Kirfel f0 (xrdmap.composition.form_factor) tabulated once per element."""
     q_end = max(64.0, float(2 ** np.ceil(np.log2(max(float(np.max(q, initial=0.0)), 1.0)))))
     table = _form_factor_table(element, q_end)
-    return np.interp(q, np.arange(len(table)) * _FF_STEP, table)
+    return np.interp(q, _form_factor_grid(len(table)), table)
 
 
 def _moments(composition: Mapping[str, float], q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ __all__ = ["run", "RunOutputs", "integrate_checkpointed", "analyse", "bin_points
 
 Log = Callable[[str], None]
 CHUNKS_PER_WORKER = 4
+ENGINE_DIR = "engine"  # in the checkpoint folder: the integration engine the workers share
 Progress = Callable[[int, int], None]
 
 
@@ -77,9 +80,13 @@ def run(config: RunConfig, *, log: Log = _quiet, progress: Progress | None = Non
             log(f"dask dashboard: {client.dashboard_link}")
         ds = integrate_checkpointed(scan, config, client=client, log=log, progress=progress)
         background = _integrated_background(config, client)
+    # the input checksums (a full read of the scan file) run beside the analysis; not
+    # beside the integration, where the hashing thread would compete for the GIL with
+    # the dask client's event loop and delay its every call
+    checksums = _Checksums(_provenance_inputs(config))
     ds = bin_points(ds, config.scan.time_bin, config.scan.time_window)
     ds = analyse(ds, config, background=background, log=log)
-    ds.attrs.update(_provenance(config))
+    ds.attrs.update(_provenance(config, checksums))
 
     from xrdmap.results import save_result
 
@@ -209,13 +216,14 @@ def integrate_checkpointed(
     """Integrate every frame, saving each finished chunk under ``<output>.checkpoint/``.
 
     Chunks already present from an earlier, interrupted run with the same inputs and
-    parameters are loaded instead of recomputed.
+    parameters are loaded instead of recomputed. The integration engine is built once, by
+    the first worker, and saved under ``<output>.checkpoint/engine/`` where the other
+    workers (and a resumed run) memory-map it.
     """
     import dask
 
     from xrdmap.integrate import integrate_scan
 
-    lazy = integrate_scan(scan, config.geometry.poni, **_integrate_kwargs(config))
     ckpt = _checkpoint_dir(Path(config.output.path))
     key = _integration_key(scan, config)
     key_file = ckpt / "key.json"
@@ -230,6 +238,7 @@ def integrate_checkpointed(
             key_file.write_text(json.dumps({"key": key}))
     except (OSError, ValueError) as exc:
         raise OutputError(f"checkpoint directory {str(ckpt)!r} cannot be written: {getattr(exc, 'strerror', None) or exc}") from None
+    lazy = integrate_scan(scan, config.geometry.poni, **_integrate_kwargs(config), engine_dir=ckpt / ENGINE_DIR)
 
     names = [n for n in ("iq", "iq_sigma", "masked_pixels", "rejected_fraction") if n in lazy.data_vars]
     point_chunks = lazy["iq"].chunks[0]
@@ -319,7 +328,8 @@ def _integrated_background(config: RunConfig, client: Any) -> xr.DataArray | Non
     from xrdmap.integrate import integrate_scan
 
     frames = _background_frames(path, bg.frames_path, bg.monitor)
-    integrated = integrate_scan(frames, config.geometry.poni, **_integrate_kwargs(config))
+    engine_dir = _checkpoint_dir(Path(config.output.path)) / ENGINE_DIR
+    integrated = integrate_scan(frames, config.geometry.poni, **_integrate_kwargs(config), engine_dir=engine_dir)
     iq = integrated["iq"].mean("point")
     if client is not None:
         return client.compute(iq).result()
@@ -344,8 +354,15 @@ def _background_frames(path: Path, frames_path: str | None, monitor: float | str
     if is_stack:
         frames = open_scan(str(path), frames_path=frames_path)
     else:
+        import dask
+        import dask.array as da
+
+        # read here to check it (and learn shape and dtype), then again where it is
+        # integrated: the graph carries the path, not a detector-sized image
         image = read_image(path, dataset=frames_path)
-        frames = xr.DataArray(image[None], dims=("point", "y", "x"), coords={"monitor": ("point", [1.0])})
+        lazy = da.from_delayed(dask.delayed(_read_background_image)(str(path), frames_path),
+                               shape=(1, *image.shape), dtype=image.dtype)
+        frames = xr.DataArray(lazy, dims=("point", "y", "x"), coords={"monitor": ("point", [1.0])})
     if isinstance(monitor, str):
         if not is_hdf5:
             raise InputError(f"background.monitor {monitor!r} is a dataset path but {str(path)!r} is not HDF5")
@@ -361,6 +378,13 @@ def _background_frames(path: Path, frames_path: str | None, monitor: float | str
     if not np.all(values > 0):
         raise InputError(f"background.monitor of {str(path)!r} must be positive, got {values}")
     return frames.assign_coords(monitor=("point", values))
+
+
+def _read_background_image(path: str, dataset: str | None) -> np.ndarray:
+    """dask task: one background image as a (1, y, x) stack."""
+    from xrdmap.io import read_image
+
+    return read_image(path, dataset=dataset)[None]
 
 
 def _wavelength_A(config: RunConfig) -> float:
@@ -447,53 +471,42 @@ def analyse(
     decomp: dict[str, xr.Dataset] = {}
     d = config.decompose
     fractions = None
-    for dim, ranges in (("q", d.q_ranges), ("r", d.r_ranges)):
-        source = "iq" if dim == "q" else "gr"
-        if not ranges or source not in ds:
-            continue
-        from xrdmap.decompose import decompose
-
-        data = ds[source]
-        if dim == "q" and d.q_diffuse == "subtract":
-            # the smooth diffuse/self/Compton scattering is common to every point and
-            # would become a component of its own; NMF of the Bragg part gives
-            # components that are the patterns of phases
-            from xrdmap.series import bragg_part
-
-            data = bragg_part(data, window_A=d.q_diffuse_window_A)
-        res = decompose(
-            data, dim=dim, x_ranges=[tuple(r) for r in ranges],
-            n_components=d.components, min_components=d.min_components,
-            max_components=d.max_components, random_state=d.random_state, smoothness=d.smoothness,
-            init=d.q_init if dim == "q" else "nndsvd",
-        )
-        comps = res[f"nmf_{dim}_components"]
-        gr_kwargs = scan_fit = bragg = None
-        if dim == "q":
-            # components are named with the phases the joint fit of all points found
-            fractions = scan_fit = _fractions(ds, phases, decomp, config)
-            bragg = d.q_diffuse_window_A if d.q_diffuse == "subtract" else None
-        if dim == "r":
-            # references terminated and damped as the data: the run's Q range and Lorch
-            # window, and the Q resolution found by the Q-space fit (qdamp = sigma_Q)
-            fractions = fractions if fractions is not None else _fractions(ds, phases, decomp, config)
-            gr_kwargs = _gr_settings(ds, config, fractions)
-        assigned = assign_components(
-            comps, phases, dim=dim, stretch_range=config.phases.stretch_range,
-            max_phases_per_component=MAX_PHASES_PER_COMPONENT, gr_kwargs=gr_kwargs,
-            diffuse_window_A=bragg, scan_fit=scan_fit,
-        )
-        res = res.merge(assigned.rename({v: f"{dim}_{v}" for v in assigned.data_vars}))
-        if bragg:
-            res.attrs["nmf_q_diffuse_window_A"] = bragg  # NMF ran on the Bragg part
-        decomp[dim] = res
-        ds.attrs.update(res.attrs)  # nmf_{dim}_n_components, _criterion, _x_ranges, ...
-        names = ", ".join(str(v) for v in assigned["component_phase"].values)
-        log(f"nmf in {dim}: {comps.sizes['component']} components -> {names}")
+    wanted = [(dim, ranges) for dim, ranges in (("q", d.q_ranges), ("r", d.r_ranges))
+              if ranges and _SOURCE[dim] in ds]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        # the joint fit of all points (per-point phase fractions) and the r decomposition
+        # need nothing from the Q decomposition: threads compute them beside it (NMF and the
+        # NNLS fits spend their time in BLAS and compiled code that release the GIL)
+        joint_fit = pool.submit(_fractions, ds, phases, decomp, config)
+        later = {dim: pool.submit(_decompose, ds[_SOURCE[dim]], dim, ranges, d) for dim, ranges in wanted[1:]}
+        for dim, ranges in wanted:
+            res = later[dim].result() if dim in later else _decompose(ds[_SOURCE[dim]], dim, ranges, d)
+            comps = res[f"nmf_{dim}_components"]
+            fractions = joint_fit.result()
+            gr_kwargs = scan_fit = bragg = None
+            if dim == "q":
+                # components are named with the phases the joint fit of all points found
+                scan_fit = fractions
+                bragg = d.q_diffuse_window_A if d.q_diffuse == "subtract" else None
+            if dim == "r":
+                # references terminated and damped as the data: the run's Q range and Lorch
+                # window, and the Q resolution found by the Q-space fit (qdamp = sigma_Q)
+                gr_kwargs = _gr_settings(ds, config, fractions)
+            assigned = assign_components(
+                comps, phases, dim=dim, stretch_range=config.phases.stretch_range,
+                max_phases_per_component=MAX_PHASES_PER_COMPONENT, gr_kwargs=gr_kwargs,
+                diffuse_window_A=bragg, scan_fit=scan_fit,
+            )
+            res = res.merge(assigned.rename({v: f"{dim}_{v}" for v in assigned.data_vars}))
+            if bragg:
+                res.attrs["nmf_q_diffuse_window_A"] = bragg  # NMF ran on the Bragg part
+            decomp[dim] = res
+            ds.attrs.update(res.attrs)  # nmf_{dim}_n_components, _criterion, _x_ranges, ...
+            names = ", ".join(str(v) for v in assigned["component_phase"].values)
+            log(f"nmf in {dim}: {comps.sizes['component']} components -> {names}")
+        fractions = joint_fit.result()
     ds = ds.merge(_combine_components(decomp), compat="override", combine_attrs="override")
 
-    if fractions is None:
-        fractions = _fractions(ds, phases, decomp, config)
     ds = ds.merge(fractions, compat="no_conflicts", join="outer")
     log(f"phase fractions of {fractions.attrs.get('phase_fraction_selected', 'all library phases')}")
 
@@ -512,6 +525,28 @@ def analyse(
             log(f"series: amorphous interval from point {desc.attrs['event_onset_point']} "
                 f"to {desc.attrs.get('event_end_point')}")
     return ds
+
+
+_SOURCE = {"q": "iq", "r": "gr"}  # what NMF decomposes along each dimension
+
+
+def _decompose(data: xr.DataArray, dim: str, ranges: list, d: Any) -> xr.Dataset:
+    """NMF of ``data`` (point, ``dim``) with the ``decompose`` settings ``d``."""
+    from xrdmap.decompose import decompose
+
+    if dim == "q" and d.q_diffuse == "subtract":
+        # the smooth diffuse/self/Compton scattering is common to every point and
+        # would become a component of its own; NMF of the Bragg part gives
+        # components that are the patterns of phases
+        from xrdmap.series import bragg_part
+
+        data = bragg_part(data, window_A=d.q_diffuse_window_A)
+    return decompose(
+        data, dim=dim, x_ranges=[tuple(r) for r in ranges],
+        n_components=d.components, min_components=d.min_components,
+        max_components=d.max_components, random_state=d.random_state, smoothness=d.smoothness,
+        init=d.q_init if dim == "q" else "nndsvd",
+    )
 
 
 #: Phases per NMF component tried by the assignment: components of graded or layered
@@ -600,9 +635,8 @@ def _combine_components(decomp: dict[str, xr.Dataset]) -> xr.Dataset:
     return xr.merge(out, compat="override", combine_attrs="drop_conflicts")
 
 
-def _provenance(config: RunConfig) -> dict[str, Any]:
-    from xrdmap.results import provenance
-
+def _provenance_inputs(config: RunConfig) -> list[str]:
+    """The input files whose checksums the result records, each once."""
     src = config.scan.source
     inputs = [p for p in ([*src] if isinstance(src, list) else [src]) if Path(p).is_file()]
     small = [config.geometry.poni, config.geometry.mask, config.geometry.dark, config.geometry.flat,
@@ -610,12 +644,50 @@ def _provenance(config: RunConfig) -> dict[str, Any]:
     inputs += [p for p in small if p and Path(p).is_file()]
     # each file once: the background is often the scan file itself, and a checksum reads
     # the whole file (seconds for a scan of a few GB)
-    inputs = list(dict.fromkeys(str(p) for p in inputs))
-    return provenance(json.loads(config.model_dump_json()), inputs=inputs)
+    return list(dict.fromkeys(str(p) for p in inputs))
+
+
+class _Checksums:
+    """sha256 of the input files, computed in a background thread from construction on.
+
+    hashlib and file reads release the GIL, so the hashing runs on another core while
+    the analysis goes on; :meth:`result` waits for it to finish.
+    """
+
+    def __init__(self, paths: list[str]) -> None:
+        self._paths = paths
+        self._sums: dict[str, str] = {}
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="xrdmap-checksums", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from xrdmap.io import file_checksum
+
+        try:
+            for p in self._paths:
+                self._sums[p] = file_checksum(p)
+        except BaseException as exc:  # re-raised by result(), in the caller's thread
+            self._error = exc
+
+    def result(self) -> dict[str, str]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return dict(self._sums)
+
+
+def _provenance(config: RunConfig, checksums: _Checksums) -> dict[str, Any]:
+    from xrdmap.results import provenance
+
+    attrs = provenance(json.loads(config.model_dump_json()))
+    attrs["input_checksums"] = checksums.result()
+    return attrs
 
 
 def _write_products(ds: xr.Dataset, config: RunConfig, out_path: Path, log: Log):
     figures: list[Path] = []
+    report_figures = None
     report = None
     exports: list[Path] = []
     stem = out_path.with_suffix("")
@@ -625,6 +697,8 @@ def _write_products(ds: xr.Dataset, config: RunConfig, out_path: Path, log: Log)
         fig_dir = stem.parent / f"{stem.name}_figures"
         fig_dir.mkdir(exist_ok=True)
         figures = save_figures(ds, fig_dir, formats=tuple(config.output.formats))
+        # the report embeds these files instead of drawing every figure a second time
+        report_figures = [p for p in figures if p.suffix.lower() in (".png", ".svg")] or None
         if "crystallinity" in ds:
             from xrdmap.results import atomic_output
             from xrdmap.series_plots import plot_series
@@ -642,7 +716,7 @@ def _write_products(ds: xr.Dataset, config: RunConfig, out_path: Path, log: Log)
     if config.output.report:
         from xrdmap.report import write_report
 
-        report = write_report(ds, stem.parent / f"{stem.name}_report.html")
+        report = write_report(ds, stem.parent / f"{stem.name}_report.html", figures=report_figures)
         log(f"report: {report}")
     if config.output.export:
         from xrdmap.results import export_columns
