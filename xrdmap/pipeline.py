@@ -131,13 +131,13 @@ def demo_config(scan: Path, outdir: Path, *, workers: int = 2) -> RunConfig:
     to ``<scan>.dark.npy``) and the Kapton-only frame stored in the file as background.
     """
     import h5py
-    import hdf5plugin  # noqa: F401  (the simulated dark is compressed with a plugin filter)
 
     from xrdmap.config import validate_config
+    from xrdmap.io import read_image
 
     scan = Path(scan)
+    dark = read_image(scan, dataset="entry/instrument/detector/dark")  # compressed chunks checked
     with h5py.File(scan, "r") as fh:
-        dark = fh["entry/instrument/detector/dark"][()]
         layout = str(fh["entry/truth"].attrs.get("layout", ""))
         has_time = "time" in fh["entry/data"]
     dark_path = scan.with_suffix(".dark.npy")
