@@ -64,8 +64,22 @@ class Terminated(BaseException):
     """Raised in the main thread by SIGTERM (what a batch system sends at its time limit)."""
 
 
-def _on_sigterm(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
-    raise Terminated
+#: The interrupting signal received, if any. Python swallows an exception raised by a
+#: signal handler while it runs a weakref callback or ``__del__`` ("Exception ignored
+#: in ..."), so the work would carry on as if nothing happened; long commands call
+#: :func:`raise_if_interrupted` between steps to honour such a signal anyway.
+_received: list[int] = []
+
+
+def _on_signal(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+    _received.append(signum)
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+
+def raise_if_interrupted() -> None:
+    """Raise again for a SIGINT/SIGTERM whose first exception was swallowed."""
+    if _received:
+        raise Terminated if _received[-1] == signal.SIGTERM else KeyboardInterrupt
 
 
 def main() -> None:
@@ -75,7 +89,8 @@ def main() -> None:
     and 130 on Ctrl-C. SIGTERM (SLURM's time limit, ``kill``) unwinds like Ctrl-C --
     temporary output removed, checkpoints kept -- and exits 143 with a message.
     """
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    _received.clear()
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         app()
     except XrdmapError as exc:
@@ -89,4 +104,5 @@ def main() -> None:
         )
         sys.exit(143)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

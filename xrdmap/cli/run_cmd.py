@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from xrdmap.cli._app import app
+from xrdmap.cli._app import app, raise_if_interrupted
 from xrdmap.errors import OutputError
 
 console = Console(stderr=True)
@@ -27,9 +27,14 @@ def _run_with_progress(cfg):
         task = bar.add_task("chunks", total=None)
 
         def progress(done: int, total: int) -> None:
+            raise_if_interrupted()
             bar.update(task, completed=done, total=total)
 
-        return run(cfg, log=lambda m: bar.console.print(m, highlight=False), progress=progress)
+        def log(message: str) -> None:
+            raise_if_interrupted()  # between stages: a Ctrl-C that Python swallowed stops here
+            bar.console.print(message, highlight=False)
+
+        return run(cfg, log=log, progress=progress)
 
 
 @app.command("run")
