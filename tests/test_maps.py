@@ -236,13 +236,29 @@ def test_iq_and_gr_maps_have_units(result):
     fig = maps.plot_gr_map(result)
     assert fig.axes[0].get_xlabel() == "r (Å)"
     assert fig.axes[1].get_ylabel() == "G(r) (Å$^{-2}$)"
-    norm = fig.axes[0].collections[0].norm
+    norm = _heat(fig.axes[0]).norm
     assert norm.vmin == pytest.approx(-norm.vmax)  # diverging about G = 0
+
+
+def _heat(ax):
+    """The colour map of a heatmap axes: an image on even grids, else a quad mesh."""
+    return (ax.images or ax.collections)[0]
+
+
+def test_uneven_scan_grid_is_drawn_as_a_mesh(result):
+    ds = result.isel(point=[0, 1, 2, 4, 8, 16])  # positions not evenly spaced
+    ax = maps.plot_iq_map(ds, boundaries=None).axes[0]
+    assert not ax.images and ax.collections
+    ax = maps.plot_iq_map(result, boundaries=None).axes[0]
+    assert ax.images  # evenly spaced: an image, cells centred on the coordinates
+    q, pos = result["q"].values, result["position"].values
+    left, right, bottom, top = ax.images[0].get_extent()
+    assert left == pytest.approx(q[0] - (q[1] - q[0]) / 2) and bottom == pytest.approx(pos[0] - (pos[1] - pos[0]) / 2)
 
 
 def test_contrast_map_is_relative_deviation(result):
     fig = maps.plot_iq_map(result, scale="contrast", boundaries=None)
-    mesh = fig.axes[0].collections[0]
+    mesh = _heat(fig.axes[0])
     iq = result["iq"].values
     expected = iq / np.median(iq, axis=0) - 1.0
     np.testing.assert_allclose(np.asarray(mesh.get_array()).reshape(iq.shape), expected, rtol=1e-12)
@@ -253,7 +269,7 @@ def test_log_map_negative_is_lowest_colour_and_nan_is_missing(result):
     ds = result.copy(deep=True)
     ds["iq"][3, :] = -0.5  # over-subtracted background
     ds["iq"][7, :] = np.nan  # masked point (crack)
-    mesh = maps.plot_iq_map(ds, q_range=None, boundaries=None).axes[0].collections[0]
+    mesh = _heat(maps.plot_iq_map(ds, q_range=None, boundaries=None).axes[0])
     values = np.ma.asarray(mesh.get_array()).reshape(ds["iq"].shape)
     assert not np.ma.is_masked(values[3]) and np.allclose(values[3], mesh.norm.vmin)
     assert np.all(~np.isfinite(np.ma.filled(values[7], np.nan)))

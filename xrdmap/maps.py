@@ -276,6 +276,28 @@ def _new_figure(width: float = 7.0, height: float = 4.5) -> Figure:
 # --------------------------------------------------------------------------- heatmaps
 
 
+def _uniform(v: np.ndarray) -> bool:
+    """Whether ``v`` (sorted) is an evenly spaced grid of at least two values."""
+    if v.size < 2 or not np.all(np.isfinite(v)):
+        return False
+    step = np.diff(v)
+    return bool(step[0] > 0 and np.allclose(step, step[0], rtol=1e-4, atol=0.0))
+
+
+def _mesh(ax, x: np.ndarray, y: np.ndarray, z: np.ndarray, **kw):
+    """``z`` (y, x) as a colour map: an image on even grids, a quad mesh otherwise.
+
+    Both draw each value as a cell centred on its coordinates; the image is ~10x faster to
+    render for a scan of hundreds of points x thousands of Q bins and gives the same
+    picture (its cells are equal where the grid is even).
+    """
+    if _uniform(x) and _uniform(y):
+        dx, dy = x[1] - x[0], y[1] - y[0]
+        extent = (x[0] - dx / 2, x[-1] + dx / 2, y[0] - dy / 2, y[-1] + dy / 2)
+        return ax.imshow(z, extent=extent, origin="lower", aspect="auto", interpolation="antialiased", **kw)
+    return ax.pcolormesh(x, y, z, shading="nearest", rasterized=True, **kw)
+
+
 def _heatmap(ds: xr.Dataset, da: xr.DataArray, xdim: str, xlabel: str, *, norm, cmap: str,
              cbar_label: str, title: str, boundaries: list[float]) -> Figure:
     scan, _, scan_label = scan_axis(ds)
@@ -285,8 +307,7 @@ def _heatmap(ds: xr.Dataset, da: xr.DataArray, xdim: str, xlabel: str, *, norm, 
     fig = _new_figure(7.0, 5.0)
     ax = fig.add_subplot()
     colormap = matplotlib.colormaps[cmap].with_extremes(bad="#d9d9d9")
-    mesh = ax.pcolormesh(x, scan[order], z[order], shading="nearest", cmap=colormap, norm=norm,
-                         rasterized=True)
+    mesh = _mesh(ax, x, scan[order], z[order], cmap=colormap, norm=norm)
     cbar = fig.colorbar(mesh, ax=ax, pad=0.02)
     cbar.set_label(cbar_label)
     for b in boundaries:
@@ -811,9 +832,9 @@ def plot_overview(ds: xr.Dataset, *, boundaries: Sequence[float] | str | None = 
     vmin = max(vmin, vmax * 1e-6)
     z = np.where(np.isfinite(z), np.maximum(z, vmin), np.nan)
     q = np.asarray(da.coords["q"].values, dtype=float)
-    mesh = axes[0].pcolormesh(q, scan[order], z[order], shading="nearest", rasterized=True,
-                              cmap=matplotlib.colormaps["viridis"].with_extremes(bad="#d9d9d9"),
-                              norm=LogNorm(vmin=vmin, vmax=vmax, clip=True))
+    mesh = _mesh(axes[0], q, scan[order], z[order],
+                 cmap=matplotlib.colormaps["viridis"].with_extremes(bad="#d9d9d9"),
+                 norm=LogNorm(vmin=vmin, vmax=vmax, clip=True))
     for b in bounds:
         axes[0].axhline(b, color="white", lw=1.2, ls="--")
     axes[0].set_xlabel("Q (Å$^{-1}$)")
