@@ -665,7 +665,7 @@ def cross_validation_errors(
     return xr.DataArray(out, dims="n_components", coords={"n_components": list(n_components)}, name="cv_error")
 
 
-def decompose(data, dim: str | None = None, **kwargs) -> xr.Dataset:
+def decompose(data, dim: str | None = None, *, bragg_window_A: float | None = None, **kwargs) -> xr.Dataset:
     """NMF of a scan; returns the result variables of the data contract.
 
     Parameters
@@ -674,6 +674,13 @@ def decompose(data, dim: str | None = None, **kwargs) -> xr.Dataset:
         (dim ``r``)
     dim : {"q", "r"}, optional
         x dimension; inferred from ``data`` when omitted.
+    bragg_window_A : float, optional
+        With ``dim="q"``: decompose the Bragg part, i.e. the patterns minus their smooth
+        diffuse scattering (:func:`xrdmap.series.bragg_part` with this window, A^-1), which
+        is common to every point and would otherwise become a component of its own. The
+        window is recorded as the attribute ``nmf_q_diffuse_window_A``, so that references
+        are compared (:func:`xrdmap.assign.assign_components` ``diffuse_window_A``) and
+        drawn (:func:`xrdmap.maps.plot_components`) after the same treatment.
     **kwargs
         Parameters of :class:`NMFDecomposition`.
 
@@ -695,6 +702,13 @@ def decompose(data, dim: str | None = None, **kwargs) -> xr.Dataset:
         if name not in data:
             raise InputError(f"dataset has no {name!r} variable: expected 'iq' (point, q) or 'gr' (point, r)")
         data = data[name]
+    if bragg_window_A is not None:
+        if dim != "q":
+            raise ConfigError(f"bragg_window_A={bragg_window_A!r} with dim={dim!r}: the diffuse scattering "
+                              "is subtracted in Q only; expected dim='q'")
+        from xrdmap.series import bragg_part
+
+        data = bragg_part(data, window_A=bragg_window_A)
     model = NMFDecomposition(**kwargs).fit(data, dim=dim)
     d = model.dim_
     ncomp = f"nmf_{d}_k"
@@ -730,4 +744,6 @@ def decompose(data, dim: str | None = None, **kwargs) -> xr.Dataset:
             ),
         }
     )
+    if bragg_window_A is not None:
+        ds.attrs["nmf_q_diffuse_window_A"] = float(bragg_window_A)
     return ds

@@ -470,24 +470,22 @@ def analyse(
     phases = _phase_library(config)
     decomp: dict[str, xr.Dataset] = {}
     d = config.decompose
-    fractions = None
     wanted = [(dim, ranges) for dim, ranges in (("q", d.q_ranges), ("r", d.r_ranges))
               if ranges and _SOURCE[dim] in ds]
     with ThreadPoolExecutor(max_workers=2) as pool:
         # the joint fit of all points (per-point phase fractions) and the r decomposition
         # need nothing from the Q decomposition: threads compute them beside it (NMF and the
         # NNLS fits spend their time in BLAS and compiled code that release the GIL)
-        joint_fit = pool.submit(_fractions, ds, phases, decomp, config)
+        joint_fit = pool.submit(_fractions, ds, phases, config)
         later = {dim: pool.submit(_decompose, ds[_SOURCE[dim]], dim, ranges, d) for dim, ranges in wanted[1:]}
         for dim, ranges in wanted:
             res = later[dim].result() if dim in later else _decompose(ds[_SOURCE[dim]], dim, ranges, d)
             comps = res[f"nmf_{dim}_components"]
             fractions = joint_fit.result()
-            gr_kwargs = scan_fit = bragg = None
+            gr_kwargs = scan_fit = None
             if dim == "q":
                 # components are named with the phases the joint fit of all points found
                 scan_fit = fractions
-                bragg = d.q_diffuse_window_A if d.q_diffuse == "subtract" else None
             if dim == "r":
                 # references terminated and damped as the data: the run's Q range and Lorch
                 # window, and the Q resolution found by the Q-space fit (qdamp = sigma_Q)
@@ -495,11 +493,9 @@ def analyse(
             assigned = assign_components(
                 comps, phases, dim=dim, stretch_range=config.phases.stretch_range,
                 max_phases_per_component=MAX_PHASES_PER_COMPONENT, gr_kwargs=gr_kwargs,
-                diffuse_window_A=bragg, scan_fit=scan_fit,
+                diffuse_window_A=res.attrs.get("nmf_q_diffuse_window_A"), scan_fit=scan_fit,
             )
             res = res.merge(assigned.rename({v: f"{dim}_{v}" for v in assigned.data_vars}))
-            if bragg:
-                res.attrs["nmf_q_diffuse_window_A"] = bragg  # NMF ran on the Bragg part
             decomp[dim] = res
             ds.attrs.update(res.attrs)  # nmf_{dim}_n_components, _criterion, _x_ranges, ...
             names = ", ".join(str(v) for v in assigned["component_phase"].values)
@@ -534,15 +530,9 @@ def _decompose(data: xr.DataArray, dim: str, ranges: list, d: Any) -> xr.Dataset
     """NMF of ``data`` (point, ``dim``) with the ``decompose`` settings ``d``."""
     from xrdmap.decompose import decompose
 
-    if dim == "q" and d.q_diffuse == "subtract":
-        # the smooth diffuse/self/Compton scattering is common to every point and
-        # would become a component of its own; NMF of the Bragg part gives
-        # components that are the patterns of phases
-        from xrdmap.series import bragg_part
-
-        data = bragg_part(data, window_A=d.q_diffuse_window_A)
     return decompose(
-        data, dim=dim, x_ranges=[tuple(r) for r in ranges],
+        data, dim=dim, bragg_window_A=d.q_diffuse_window_A if dim == "q" and d.q_diffuse == "subtract" else None,
+        x_ranges=[tuple(r) for r in ranges],
         n_components=d.components, min_components=d.min_components,
         max_components=d.max_components, random_state=d.random_state, smoothness=d.smoothness,
         init=d.q_init if dim == "q" else "nndsvd",
@@ -554,7 +544,7 @@ def _decompose(data: xr.DataArray, dim: str, ranges: list, d: Any) -> xr.Dataset
 MAX_PHASES_PER_COMPONENT = 4
 
 
-def _fractions(ds: xr.Dataset, phases: dict[str, Any], decomp: dict[str, xr.Dataset], config: RunConfig) -> xr.Dataset:
+def _fractions(ds: xr.Dataset, phases: dict[str, Any], config: RunConfig) -> xr.Dataset:
     """Per-point weight fractions (:func:`xrdmap.assign.scan_phase_fractions`).
 
     With ``phases.names`` set, exactly those phases are fitted; otherwise the phases the

@@ -196,17 +196,13 @@ def decompose_command(
 
     results = []
     for d, da in data.items():
-        bragg = q_diffuse == "subtract" and d == "q"
-        if bragg:
-            from xrdmap.series import bragg_part
         res = decompose(
-            bragg_part(da, window_A=q_diffuse_window) if bragg else da, d, n_components=n_comp,
+            da, d, bragg_window_A=q_diffuse_window if q_diffuse == "subtract" and d == "q" else None,
+            n_components=n_comp,
             min_components=min_components, max_components=max_components, x_ranges=ranges,
             smoothness=smoothness, random_state=random_state,
             init=init if init != "auto" else ("spa" if d == "q" else "nndsvd"),
         )
-        if bragg:
-            res.attrs["nmf_q_diffuse_window_A"] = q_diffuse_window  # NMF ran on the Bragg part
         if "file" in da.coords:
             res = res.assign_coords(file=("point", da["file"].values))
         if phases is not None:
@@ -219,7 +215,7 @@ def decompose_command(
                 res = res.merge(scan_fit, compat="override", combine_attrs="override")
             assigned = assign_components(
                 res[f"nmf_{d}_components"], phases, dim=d, scan_fit=scan_fit,
-                diffuse_window_A=q_diffuse_window if bragg else None,
+                diffuse_window_A=res.attrs.get("nmf_q_diffuse_window_A"),
                 max_phases_per_component=MAX_PHASES_PER_COMPONENT,
             )
             res = res.merge(assigned.rename({v: f"{d}_{v}" for v in assigned.data_vars}))
