@@ -41,6 +41,7 @@ __all__ = [
     "assign_components",
     "phase_fractions",
     "scan_phase_fractions",
+    "reference_pattern",
 ]
 
 #: Name given to a component that matches no reference well enough.
@@ -136,13 +137,34 @@ def _bragg_part(phase, x: np.ndarray, stretch: float, width: float, window_A: fl
     component of Bragg parts is compared with the reference treated the same way, on
     the data's Q step and with a margin so that the ends are opened as the data were.
     """
-    from xrdmap.series import diffuse_baseline
+    from xrdmap.series import bragg_part
 
     step = float(step) if step else float(np.min(np.diff(np.sort(x))))
     grid = np.arange(max(x.min() - 2 * window_A, 1e-3), x.max() + 2 * window_A + step, step)
     ref = xr.DataArray(_simulate(phase, grid, "q", stretch, width), dims="q", coords={"q": grid})
-    bragg = (ref - diffuse_baseline(ref, window_A=window_A)).clip(min=0)
-    return np.interp(x, grid, bragg.values)
+    return np.interp(x, grid, bragg_part(ref, window_A=window_A).values)
+
+
+def reference_pattern(phase, x, dim: str = "q", *, stretch: float = 1.0, width: float | None = None,
+                      diffuse_window_A: float | None = None) -> np.ndarray:
+    """A phase's reference on ``x`` as :func:`assign_components` compares it with a component.
+
+    ``width``: FWHM (A^-1) in Q, ``U_iso`` (A^2) in r; None for the phase's defaults.
+    ``diffuse_window_A`` (Q only): the Bragg part, for components of Bragg parts (the
+    attribute ``nmf_q_diffuse_window_A`` of a decomposition).
+    """
+    _check_dim(dim)
+    x = np.asarray(x, dtype=float)
+    if width is None:
+        if dim == "r":
+            return np.asarray(phase.simulate_gr(x, stretch=stretch), dtype=float)
+        from xrdmap.phases import DEFAULT_FWHM_Q
+
+        width = DEFAULT_FWHM_Q
+    kw = {}
+    if dim == "q" and diffuse_window_A:
+        kw = {"bragg_window": float(diffuse_window_A), "bragg_step": float(np.median(np.diff(x)))}
+    return np.array(_simulate(phase, x, dim, float(stretch), float(width), **kw))
 
 
 def _baseline_basis(x: np.ndarray, n_terms: int) -> np.ndarray:

@@ -508,9 +508,9 @@ def _references(ds: xr.Dataset, dim: str, x: np.ndarray, phases) -> list[np.ndar
     From ``reference_iq``/``reference_gr`` (phase, q|r) when the result holds them, else
     simulated from ``phases`` (name -> :class:`xrdmap.phases.Phase`; ``"auto"`` loads the
     shipped library) with the stretch and width the assignment found; mixtures ``"A + B"``
-    are summed with ``{dim}_component_phase_fraction``. When NMF in Q ran on the Bragg
-    part (attribute ``nmf_q_diffuse_window_A``), simulated references get the same
-    treatment.
+    are summed with ``{dim}_component_phase_fraction``. Simulated references are those the
+    assignment scored (:func:`xrdmap.assign.reference_pattern`), so when NMF in Q ran on
+    the Bragg part (attribute ``nmf_q_diffuse_window_A``) they get the same treatment.
     """
     names = _component_phase(ds, dim) or []
     n = ds.sizes.get("component", 0)
@@ -536,6 +536,9 @@ def _references(ds: xr.Dataset, dim: str, x: np.ndarray, phases) -> list[np.ndar
         except XrdmapError:
             return out
     library = {str(k).lower(): v for k, v in dict(phases).items()}
+    from xrdmap.assign import reference_pattern
+
+    window = ds.attrs.get("nmf_q_diffuse_window_A") if dim == "q" else None
 
     def values(name: str) -> np.ndarray | None:
         var = ds.get(f"{dim}_{name}")
@@ -554,21 +557,9 @@ def _references(ds: xr.Dataset, dim: str, x: np.ndarray, phases) -> list[np.ndar
             continue
         s_i = stretch[i] if stretch is not None and np.isfinite(stretch[i]) else 1.0
         w_i = width[i] if width is not None and np.isfinite(width[i]) else None
-        total = np.zeros_like(x, dtype=float)
-        for part, wt in zip(parts, weights, strict=True):
-            phase = library[part.lower()]
-            if dim == "q":
-                total += wt * np.asarray(phase.simulate_iq(x, stretch=s_i, fwhm_q=w_i), dtype=float)
-            else:
-                total += wt * np.asarray(phase.simulate_gr(x, stretch=s_i, u_iso=w_i), dtype=float)
-        out[i] = total
-    window = ds.attrs.get("nmf_q_diffuse_window_A") if dim == "q" else None
-    if window:  # the components are of the Bragg part: treat the references the same way
-        from xrdmap.series import bragg_part
-
-        for i, ref in enumerate(out):
-            if ref is not None:
-                out[i] = bragg_part(xr.DataArray(ref, dims="q", coords={"q": x}), window_A=float(window)).values
+        out[i] = sum(wt * reference_pattern(library[part.lower()], x, dim, stretch=s_i, width=w_i,
+                                            diffuse_window_A=window)
+                     for part, wt in zip(parts, weights, strict=True))
     return out
 
 
