@@ -114,6 +114,15 @@ def assert_kept(out: Path, before: str, *, checkpoints: bool = True) -> None:
     assert left == []
 
 
+def assert_commands_fail(expected: str, out: tuple[Path, str], *commands: tuple) -> None:
+    """Each command (``xrdmap`` arguments) exits 2 with ``expected`` in its one error line
+    and leaves the output path as it was."""
+    out_path, before = out
+    for args in commands:
+        assert expected in error_line(cli(*args), 2)
+        assert_kept(out_path, before)
+
+
 def run_config(scan: Path, out: Path, **over) -> dict:
     """A JSON-able run configuration for a simulated scan (in-process, no figures)."""
     data = demo_config(scan, out.parent, workers=0).model_dump(mode="json")
@@ -457,7 +466,7 @@ def test_frames_dataset_that_is_not_a_stack(scan, tmp_path, out):
 
 
 def test_poni_for_another_detector(scan, tmp_path, out):
-    out_path, before = out
+    out_path, _ = out
     poni = tmp_path / "pilatus.poni"
     poni.write_text(
         "poni_version: 2.1\nDetector: Pilatus1M\nDetector_config: {\"orientation\": 3}\n"
@@ -469,14 +478,8 @@ def test_poni_for_another_detector(scan, tmp_path, out):
         integrate_scan(open_scan(scan), poni)
     assert expected in str(exc.value)
 
-    line = error_line(cli("integrate", scan, "--poni", poni, "-o", out_path), 2)
-    assert expected in line
-    assert_kept(out_path, before)
-
     cfg = write_yaml(tmp_path / "run.yaml", run_config(scan, out_path, geometry__poni=str(poni)))
-    line = error_line(cli("run", cfg), 2)
-    assert expected in line
-    assert_kept(out_path, before)
+    assert_commands_fail(expected, out, ("integrate", scan, "--poni", poni, "-o", out_path), ("run", cfg))
 
     garbage = tmp_path / "garbage.poni"
     garbage.write_text("Distance: far\n")
@@ -541,7 +544,7 @@ def test_saturated_pixels_are_left_out_and_counted(scan):
 
 @pytest.mark.parametrize("value", [0.0, -5.0])
 def test_zero_or_negative_monitor(scan, tmp_path, out, value):
-    out_path, before = out
+    out_path, _ = out
     bad = copy_scan(scan, tmp_path / "in")
     with h5py.File(bad, "r+") as fh:
         mon = fh["entry/monitor/data"]
@@ -558,14 +561,9 @@ def test_zero_or_negative_monitor(scan, tmp_path, out, value):
     with pytest.raises(InputError, match=f"monitor of point 5 is {value}: expected positive monitor counts"):
         integrate_scan(frames.assign_coords(monitor=("point", monitor)), scan.with_suffix(".poni"))
 
-    line = error_line(cli("integrate", bad, "--poni", bad.with_suffix(".poni"), "-o", out_path), 2)
-    assert expected in line
-    assert_kept(out_path, before)
-
     cfg = write_yaml(tmp_path / "run.yaml", run_config(scan, out_path, scan__source=str(bad)))
-    line = error_line(cli("run", cfg), 2)
-    assert expected in line
-    assert_kept(out_path, before)
+    assert_commands_fail(expected, out, ("integrate", bad, "--poni", bad.with_suffix(".poni"), "-o", out_path),
+                         ("run", cfg))
 
 
 # --------------------------------------------------------------------------------------
