@@ -50,7 +50,8 @@ def test_parity_with_nmf_mapping_app(app_gr, case):
     x_ranges = APP_CASES[case]
     if x_ranges is None:
         x_ranges = [(float(app_gr.r.min()), float(app_gr.r.max()))]
-    model = NMFDecomposition(x_ranges=x_ranges, n_restarts=0).fit(app_gr)
+    # the app's own criterion (relative drop of the NMF error), which fits every count
+    model = NMFDecomposition(x_ranges=x_ranges, n_restarts=0, criterion="nmf").fit(app_gr)
     expected = _app_weights(case)
     assert model.n_components_ == expected.shape[1] == 3
     _, corr = match_components(model.weights_.values, expected)
@@ -375,3 +376,19 @@ def test_unknown_init_is_a_config_error():
     da, _, _ = _end_member_scan()
     with pytest.raises(ConfigError, match="init='svd'"):
         NMFDecomposition(n_components=2, init="svd").fit(da)
+
+
+def test_svd_criterion_factorises_only_the_chosen_count():
+    # the count comes from the SVD errors; NMF errors exist for the chosen count only,
+    # and the model equals an NMF fitted at that count directly
+    da, _, _ = _mixture_q(3, seed=8)
+    auto = NMFDecomposition(n_restarts=0).fit(da)
+    errors = auto.reconstruction_errors_
+    assert auto.n_components_ == 3
+    assert np.isfinite(errors.sel(n_components=3).item())
+    assert np.isnan(errors.drop_sel(n_components=3).values).all()
+    assert np.isfinite(auto.svd_errors_.values).all()
+    fixed = NMFDecomposition(n_components=3, n_restarts=0).fit(da)
+    np.testing.assert_allclose(auto.components_.values, fixed.components_.values, rtol=1e-10, atol=1e-12)
+    # the NMF criterion still fits every count
+    assert np.isfinite(NMFDecomposition(n_restarts=0, criterion="nmf").fit(da).reconstruction_errors_.values).all()

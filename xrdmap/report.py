@@ -283,14 +283,22 @@ def _nmf_section(ds: xr.Dataset, dim: str) -> str:
         ks = np.asarray(err.coords[err.dims[0]].values) if err.dims[0] in err.coords else np.arange(1, err.size + 1)
         imp = ds.get(f"nmf_{dim}_relative_improvement")
         imp_vals = np.asarray(imp.values, dtype=float) if imp is not None and imp.shape == err.shape else None
+        svd = ds.get(f"nmf_{dim}_svd_error")
+        svd_vals = np.asarray(svd.values, dtype=float) if svd is not None and svd.shape == err.shape else None
         rows, classes = [], []
         for i, kk in enumerate(ks):
-            row = [int(kk), _num(err.values[i], ".5g")]
+            row = [int(kk)]
+            if svd_vals is not None:
+                row.append(_num(svd_vals[i], ".5g"))
+            row.append(_num(err.values[i], ".5g"))
             if imp_vals is not None:
                 row.append(_num(imp_vals[i], ".3g"))
             rows.append(row)
             classes.append("chosen" if int(kk) == k else "")
-        header = ["components k", "reconstruction error"]
+        header = ["components k"]
+        if svd_vals is not None:
+            header.append("best rank-k error (SVD)")
+        header.append("NMF reconstruction error")
         if imp_vals is not None:
             header.append("relative improvement")
         parts.append(_table(header, rows, numeric=[True] * len(header), row_class=classes))

@@ -91,9 +91,15 @@ def _write_weights(ds, dim: str, out: Path) -> list[Path]:
     payload = {
         "dim": dim,
         "n_components": int(ds.attrs[f"nmf_{dim}_n_components"]),
+        # NMF errors of the counts that were factorised (all with criterion "nmf", the
+        # chosen one with "svd"), and the best rank-k (SVD) error of every count tried
         "reconstruction_error": {
             str(int(k)): float(e)
             for k, e in zip(ds[f"nmf_{dim}_k"].values, ds[f"nmf_{dim}_reconstruction_error"].values, strict=True)
+            if np.isfinite(e)
+        },
+        "svd_error": {
+            str(int(k)): float(e) for k, e in zip(ds[f"nmf_{dim}_k"].values, ds[f"nmf_{dim}_svd_error"].values, strict=True)
         },
         "points": [str(v) for v in labels],
         "weights": {f"component_{c}": [float(v) for v in w.sel(component=c).values] for c in comps},
