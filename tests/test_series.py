@@ -154,3 +154,15 @@ def test_series_cli_prints_events_and_writes_figure(tmp_path):
     assert "crystallinity" in out and out.attrs["event_onset_point"] == 10
     bad = CliRunner().invoke(app, ["series", str(tmp_path / "r.h5"), "--peak", "3,2"])
     assert bad.exit_code != 0
+
+
+def test_bragg_values_is_bragg_part_of_plain_arrays():
+    from xrdmap.series import bragg_part, bragg_values
+
+    rng = np.random.default_rng(3)
+    q = np.linspace(0.5, 15.0, 2000)
+    values = np.exp(-((q - 2.0) / 1.5) ** 2) + sum(np.exp(-0.5 * ((q - c) / 0.02) ** 2) for c in (3.1, 5.2, 8.8))
+    values = values[None, :] * rng.uniform(0.5, 2.0, (4, 1))
+    da = xr.DataArray(values, dims=("point", "q"), coords={"q": q})
+    np.testing.assert_array_equal(bragg_values(values, float(np.median(np.diff(q))), 1.0),
+                                  bragg_part(da, window_A=1.0).values)

@@ -46,18 +46,21 @@ def diffuse_baseline(iq: xr.DataArray, *, window_A: float = 0.4, dim: str = "q")
     of ~1 A^-1 (glasses with no order beyond ~7 A).
     """
     _check_q(iq, dim)
-    q = iq[dim].values
-    step = float(np.median(np.diff(q)))
+    step = float(np.median(np.diff(iq[dim].values)))
+    return iq.copy(data=baseline_values(iq.values, step, window_A, axis=iq.get_axis_num(dim)))
+
+
+def baseline_values(values: np.ndarray, step: float, window_A: float, axis: int = -1) -> np.ndarray:
+    """:func:`diffuse_baseline` of plain arrays sampled every ``step`` A^-1 along ``axis``."""
     n = max(3, int(round(window_A / step)) | 1)
-    axis = iq.get_axis_num(dim)
-    values = np.nan_to_num(np.asarray(iq.values, dtype=float))
+    values = np.nan_to_num(np.asarray(values, dtype=float))
     # morphological opening (rolling minimum, then rolling maximum) removes peaks
     # narrower than the window and keeps slopes and valleys; the smoothing then rounds it
     low = ndimage.minimum_filter1d(values, n, axis=axis, mode="nearest")
     opened = ndimage.maximum_filter1d(low, n, axis=axis, mode="nearest")
     base = ndimage.uniform_filter1d(opened, n, axis=axis, mode="nearest")
     smooth = ndimage.uniform_filter1d(values, 5, axis=axis, mode="nearest")
-    return iq.copy(data=np.minimum(base, smooth))
+    return np.minimum(base, smooth)
 
 
 def bragg_part(iq: xr.DataArray, *, window_A: float = 1.0, dim: str = "q") -> xr.DataArray:
@@ -69,6 +72,12 @@ def bragg_part(iq: xr.DataArray, *, window_A: float = 1.0, dim: str = "q") -> xr
     (:func:`xrdmap.assign.assign_components` ``diffuse_window_A``).
     """
     return (iq - diffuse_baseline(iq, window_A=window_A, dim=dim)).clip(min=0)
+
+
+def bragg_values(values: np.ndarray, step: float, window_A: float = 1.0, axis: int = -1) -> np.ndarray:
+    """:func:`bragg_part` of plain arrays sampled every ``step`` A^-1 along ``axis``."""
+    values = np.asarray(values, dtype=float)
+    return np.clip(values - baseline_values(values, step, window_A, axis), 0.0, None)
 
 
 def crystallinity_index(
