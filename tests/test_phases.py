@@ -482,3 +482,22 @@ def test_first_shell_coordination_number(lib, name, r_lo, r_hi):
         zbar = (58 + 2 * 8) / 3
         expected = (2 * 4 * 8 * 58 * 8 + 8 * 6 * 8 * 8) / zbar**2 / 12
     assert n == pytest.approx(expected, rel=0.01)
+
+
+def test_prepare_builds_the_tables_later_simulations_use():
+    # the same pattern with the lists built up front (one table to 24 A^-1) as when
+    # they grow with the requests
+    cif = Path(__file__).parents[1] / "xrdmap" / "data" / "cifs" / "Li3V2PO43_LVP_P21n_template_OBELiX-lrh_DLS.cif"
+    fresh, prepared = load_cif(cif, "LVP-a"), load_cif(cif, "LVP-b")
+    prepared.prepare(q_max=24.0, r_max=32.0)
+    table = prepared._cache["reflections"]
+    q = np.linspace(0.5, 20.0, 1500)
+    r = np.linspace(0.5, 20.0, 800)
+    for stretch in (0.98, 1.0, 1.02):
+        np.testing.assert_allclose(prepared.simulate_iq(q, stretch=stretch), fresh.simulate_iq(q, stretch=stretch),
+                                   rtol=1e-12, atol=1e-12 * fresh.simulate_iq(q).max())
+        np.testing.assert_allclose(prepared.simulate_gr(r, stretch=stretch), fresh.simulate_gr(r, stretch=stretch),
+                                   rtol=1e-10, atol=1e-10)
+    assert prepared._cache["reflections"] is table  # no rebuild
+    with pytest.raises(InputError, match="q_max"):
+        prepared.prepare(q_max=-1.0)

@@ -518,6 +518,18 @@ class Phase:
             amp += partial[:, g] * (_cached_form_factor(el, q) * np.exp(-0.5 * u * q * q))
         return amp.real**2 + amp.imag**2
 
+    def prepare(self, q_max: float | None = None, r_max: float | None = None) -> None:
+        """Build the reflection list to ``q_max`` (A^-1) and the pair list to ``r_max`` (A) now.
+
+        Later simulations up to these limits reuse them. For a pipeline that knows its
+        Q and r grids before it needs the references (e.g. in a background thread while
+        frames are integrated); building them costs up to ~0.5 s per large cell at 24 A^-1.
+        """
+        if q_max is not None:
+            self._table(_positive(q_max, "q_max"))
+        if r_max is not None:
+            self._pairs(_positive(r_max, "r_max"))
+
     def reflections(
         self, q_max: float, stretch: float = 1.0, *, u_iso: float | None = None
     ) -> Reflections:
