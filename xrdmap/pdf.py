@@ -146,21 +146,26 @@ def sine_matrix(
 
 
 def _sine_transform(
-    fq: np.ndarray, r: np.ndarray, q: np.ndarray, qmin: float, qmax: float, square: bool = False
+    fq: np.ndarray, r: np.ndarray, q: np.ndarray, qmin: float, qmax: float, squared: np.ndarray | None = None,
 ):
-    """``fq`` (P, nq) -> (P, nr), one matrix product per block of r."""
+    """``fq`` (P, nq) -> (P, nr), one matrix product per block of r.
+
+    ``squared``: also transform this (P, nq) array with the squared kernel (variance
+    propagation), reusing the sines; a pair of arrays is then returned.
+    """
     inside = (q >= qmin) & (q <= qmax)
     qi = q[inside]
     fi = fq[:, inside]
     out = np.empty((fq.shape[0], r.size))
+    out2 = np.empty((squared.shape[0], r.size)) if squared is not None else None
     block = max(1, int(_R_BLOCK_BYTES // (8 * max(qi.size, 1))))
     w = (2.0 / math.pi) * _trapezoid_weights(qi)
     for start in range(0, r.size, block):
         m = np.sin(np.outer(r[start : start + block], qi)) * w
-        if square:
-            m = m * m
         out[:, start : start + block] = fi @ m.T
-    return out
+        if out2 is not None:
+            out2[:, start : start + block] = squared[:, inside] @ (m * m).T
+    return out if out2 is None else (out, out2)
 
 
 def _poly_basis(x: np.ndarray, degree: int) -> np.ndarray:
@@ -364,7 +369,17 @@ def transform(
         x = math.pi * q / qmax
         window = np.where(x > 0, np.sin(x) / np.where(x > 0, x, 1.0), 1.0)
     fq_t = np.where(valid, fq * window, 0.0)
-    gr = _sine_transform(fq_t, r, q, qmin, qmax)
+    var_g = None
+    if iq_sigma is not None:
+        sig = np.asarray(
+            iq_sigma.transpose(..., q_dim).broadcast_like(iq).values, dtype=float
+        ).reshape(-1, q.size)
+        sig = np.where(np.isfinite(sig), sig, 0.0)
+        fq_sig = np.abs(q / (c * fm2)) * sig
+        # G's variance: the squared kernel on F's variance (same sines as G itself)
+        gr, var_g = _sine_transform(fq_t, r, q, qmin, qmax, squared=np.where(valid, (fq_sig * window) ** 2, 0.0))
+    else:
+        gr = _sine_transform(fq_t, r, q, qmin, qmax)
 
     coords_q = {k: v for k, v in iq.coords.items() if q_dim not in v.dims or k == q_dim}
     point_coords = {k: v for k, v in iq.coords.items() if q_dim not in v.dims and k != q_dim}
@@ -379,15 +394,7 @@ def transform(
         },
         coords={**coords_q, **point_coords, "r": ("r", r)},
     )
-    if iq_sigma is not None:
-        sig = np.asarray(
-            iq_sigma.transpose(..., q_dim).broadcast_like(iq).values, dtype=float
-        ).reshape(-1, q.size)
-        sig = np.where(np.isfinite(sig), sig, 0.0)
-        fq_sig = np.abs(q / (c * fm2)) * sig
-        var_g = _sine_transform(
-            np.where(valid, (fq_sig * window) ** 2, 0.0), r, q, qmin, qmax, square=True
-        )
+    if var_g is not None:
         with np.errstate(divide="ignore", invalid="ignore"):
             sq_sig = np.where(q > 0, fq_sig / q, np.nan)
         ds["fq_sigma"] = (qdims, np.where(valid, fq_sig, np.nan).reshape(*lead_shape, q.size))
