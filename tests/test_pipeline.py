@@ -105,6 +105,54 @@ def test_local_cluster_gives_the_same_numbers_as_in_process(small_scan, tmp_path
     np.testing.assert_array_equal(in_process["iq_sigma"].values, distributed["iq_sigma"].values)
 
 
+@pytest.mark.slow
+def test_local_workers_use_glibc_allocation_defaults():
+    # distributed's default MALLOC_TRIM_THRESHOLD_ would switch off glibc's adaptive
+    # mmap threshold in the workers (every frame buffer mapped and faulted in anew)
+    import os
+
+    from xrdmap.cluster import dask_client
+
+    with dask_client(workers=1) as client:
+        env = next(iter(client.run(lambda: {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}).values()))
+        threads = next(iter(client.run(lambda: os.environ.get("OMP_NUM_THREADS")).values()))
+    assert env == {}
+    assert threads == "1"
+
+
+def test_input_checksums_match_hashlib_and_name_a_missing_file(tmp_path):
+    import hashlib
+
+    from xrdmap.pipeline import _Checksums
+
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(np.random.default_rng(0).bytes(3 * 2**20 + 17))
+    b.write_bytes(b"abc")
+    sums = _Checksums([str(a), str(b)]).result()
+    assert sums == {str(a): hashlib.sha256(a.read_bytes()).hexdigest(),
+                    # sha256("abc") from FIPS 180-2, appendix B.1
+                    str(b): "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"}
+    with pytest.raises(InputError, match=r"missing\.bin.*does not exist"):
+        _Checksums([str(b), str(tmp_path / "missing.bin")]).result()
+    running = _Checksums([str(a)] * 50)
+    running.close()  # stopped early (a run that failed): the child is gone
+    assert running._proc.poll() is not None
+
+
+def test_warm_up_error_is_raised_where_the_analysis_needs_the_phases(small_scan, tmp_path):
+    from xrdmap.pipeline import _WarmUp
+
+    class Broken:
+        def prepare(self, **_):
+            raise InputError("phase 'Broken': bad structure")
+
+    cfg = _config(small_scan, tmp_path / "w.h5")
+    warm = _WarmUp({"Broken": Broken()}, cfg)
+    warm.start(np.linspace(0.5, 20.0, 100))
+    with pytest.raises(InputError, match="Broken"):
+        warm.result()
+
+
 def test_full_run_writes_a_complete_result(small_scan, tmp_path):
     out = tmp_path / "result.h5"
     cfg = _config(small_scan, out, output__figures=False, output__report=False)

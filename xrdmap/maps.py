@@ -1150,13 +1150,16 @@ def amorphous_points(ds: xr.Dataset, *, coherence_threshold_A: float = 10.0,
 # --------------------------------------------------------------------------- output
 
 
-def make_figures(ds: xr.Dataset, what: str | Iterable[str] = "all") -> dict[str, Figure]:
+def make_figures(ds: xr.Dataset, what: str | Iterable[str] = "all", *,
+                 phases: Mapping[str, Any] | str | None = "auto") -> dict[str, Figure]:
     """Every figure the dataset has data for, by name (see :data:`FIGURES`).
 
     Parameters
     ----------
     what
         ``"all"`` or one or more of ``iq, gr, weights, components, fractions, quality``.
+    phases
+        Reference phases drawn with the components (:func:`plot_components`).
     """
     groups = list(FIGURES) if what == "all" else ([what] if isinstance(what, str) else list(what))
     unknown = [g for g in groups if g not in FIGURES]
@@ -1169,8 +1172,8 @@ def make_figures(ds: xr.Dataset, what: str | Iterable[str] = "all") -> dict[str,
         "gr_map": ("gr", lambda: plot_gr_map(ds, boundaries=bounds)),
         "weights_q": ("nmf_q_weights", lambda: plot_weights(ds, "q", boundaries=bounds)),
         "weights_r": ("nmf_r_weights", lambda: plot_weights(ds, "r", boundaries=bounds)),
-        "components_q": ("nmf_q_components", lambda: plot_components(ds, "q")),
-        "components_r": ("nmf_r_components", lambda: plot_components(ds, "r")),
+        "components_q": ("nmf_q_components", lambda: plot_components(ds, "q", phases=phases)),
+        "components_r": ("nmf_r_components", lambda: plot_components(ds, "r", phases=phases)),
         "phase_fractions": ("phase_fraction", lambda: plot_phase_fractions(ds, boundaries=bounds)),
         "overview": ("iq", lambda: plot_overview(ds, boundaries=bounds)),
         "quality": (None, lambda: plot_quality(ds, boundaries=bounds)),
@@ -1191,10 +1194,12 @@ def make_figures(ds: xr.Dataset, what: str | Iterable[str] = "all") -> dict[str,
 
 
 def save_figures(ds: xr.Dataset, outdir: str | Path, formats: Sequence[str] = ("png", "svg"),
-                 *, what: str | Iterable[str] = "all", dpi: int = 150) -> list[Path]:
+                 *, what: str | Iterable[str] = "all", dpi: int = 150,
+                 phases: Mapping[str, Any] | str | None = "auto") -> list[Path]:
     """Write every figure of :func:`make_figures` as ``outdir/<name>.<format>``, atomically.
 
-    Returns the paths written. ``formats``: any of ``png``, ``svg``, ``pdf``.
+    Returns the paths written. ``formats``: any of ``png``, ``svg``, ``pdf``; ``what``
+    and ``phases`` as in :func:`make_figures`.
     """
     out = Path(outdir)
     formats = [f.lower().lstrip(".") for f in formats]
@@ -1206,7 +1211,7 @@ def save_figures(ds: xr.Dataset, outdir: str | Path, formats: Sequence[str] = ("
     except OSError as exc:
         raise OutputError(f"figure directory {str(out)!r} cannot be created: {exc.strerror}") from None
     written = []
-    for name, fig in make_figures(ds, what).items():
+    for name, fig in make_figures(ds, what, phases=phases).items():
         for fmt in formats:
             path = out / f"{name}.{fmt}"
             with atomic_output(path) as tmp:

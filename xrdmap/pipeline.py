@@ -17,7 +17,7 @@ import json
 import shutil
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,14 +63,25 @@ def run(config: RunConfig, *, log: Log = _quiet, progress: Progress | None = Non
     progress
         Called as ``progress(done_chunks, total_chunks)`` during integration.
     """
-    from xrdmap.cluster import dask_client
-
     out_path = Path(config.output.path)
     if not out_path.parent.is_dir():
         raise OutputError(f"output.path {str(out_path)!r}: directory {str(out_path.parent)!r} does not exist")
 
     scan = _open_scan(config)
     log(f"scan: {scan.sizes['point']} frames of {scan.sizes['y']} x {scan.sizes['x']} px from {config.scan.source}")
+    phases = _phase_library(config)  # a bad CIF fails now, not after the integration
+    warm = _WarmUp(phases, config)
+    checksums = _Checksums(_provenance_inputs(config))
+    try:
+        return _run_stages(config, scan, out_path, warm, checksums, log, progress)
+    finally:
+        checksums.close()
+
+
+def _run_stages(config: RunConfig, scan: xr.DataArray, out_path: Path, warm: _WarmUp, checksums: _Checksums,
+                log: Log, progress: Progress | None) -> RunOutputs:
+    from xrdmap.cluster import dask_client
+
     c = config.compute
     with dask_client(
         workers=c.workers, threads_per_worker=c.threads_per_worker, scheduler=c.scheduler,
@@ -78,14 +89,11 @@ def run(config: RunConfig, *, log: Log = _quiet, progress: Progress | None = Non
     ) as client:
         if client is not None:
             log(f"dask dashboard: {client.dashboard_link}")
-        ds = integrate_checkpointed(scan, config, client=client, log=log, progress=progress)
+        ds = integrate_checkpointed(scan, config, client=client, log=log, progress=progress, on_grid=warm.start)
         background = _integrated_background(config, client)
-    # the input checksums (a full read of the scan file) run beside the analysis; not
-    # beside the integration, where the hashing thread would compete for the GIL with
-    # the dask client's event loop and delay its every call
-    checksums = _Checksums(_provenance_inputs(config))
     ds = bin_points(ds, config.scan.time_bin, config.scan.time_window)
-    ds = analyse(ds, config, background=background, log=log)
+    phases = warm.result()
+    ds = analyse(ds, config, background=background, log=log, phases=phases)
     ds.attrs.update(_provenance(config, checksums))
 
     from xrdmap.results import save_result
@@ -93,7 +101,7 @@ def run(config: RunConfig, *, log: Log = _quiet, progress: Progress | None = Non
     save_result(ds, out_path)
     log(f"result: {out_path}")
     outputs = RunOutputs(result=out_path, dataset=ds)
-    outputs.figures, outputs.report, outputs.exports = _write_products(ds, config, out_path, log)
+    outputs.figures, outputs.report, outputs.exports = _write_products(ds, config, out_path, log, phases=phases)
     if not config.output.keep_checkpoints:
         shutil.rmtree(_checkpoint_dir(out_path), ignore_errors=True)
     return outputs
@@ -212,13 +220,15 @@ def integrate_checkpointed(
     client: Any = None,
     log: Log = _quiet,
     progress: Progress | None = None,
+    on_grid: Callable[[np.ndarray], None] | None = None,
 ) -> xr.Dataset:
     """Integrate every frame, saving each finished chunk under ``<output>.checkpoint/``.
 
     Chunks already present from an earlier, interrupted run with the same inputs and
     parameters are loaded instead of recomputed. The integration engine is built once, by
     the first worker, and saved under ``<output>.checkpoint/engine/`` where the other
-    workers (and a resumed run) memory-map it.
+    workers (and a resumed run) memory-map it. ``on_grid`` is called with the Q grid
+    (A^-1) once it is known, before the frames are integrated.
     """
     import dask
 
@@ -240,6 +250,8 @@ def integrate_checkpointed(
         raise OutputError(f"checkpoint directory {str(ckpt)!r} cannot be written: {getattr(exc, 'strerror', None) or exc}") from None
     lazy = integrate_scan(scan, config.geometry.poni, **_integrate_kwargs(config), engine_dir=ckpt / ENGINE_DIR)
 
+    if on_grid is not None:
+        on_grid(np.asarray(lazy["q"].values, dtype=float))
     names = [n for n in ("iq", "iq_sigma", "masked_pixels", "rejected_fraction") if n in lazy.data_vars]
     point_chunks = lazy["iq"].chunks[0]
     bounds = np.concatenate([[0], np.cumsum(point_chunks)]).astype(int)
@@ -446,9 +458,12 @@ def analyse(
     *,
     background: xr.DataArray | None = None,
     log: Log = _quiet,
+    phases: dict[str, Any] | None = None,
 ) -> xr.Dataset:
-    """Background, PDF, NMF, phase assignment and phase fractions on integrated data."""
-    from xrdmap.assign import assign_components
+    """Background, PDF, NMF, phase assignment and phase fractions on integrated data.
+
+    ``phases``: the reference phases (default: the library ``config`` names).
+    """
 
     if background is not None:
         from xrdmap.background import subtract_background
@@ -463,43 +478,37 @@ def analyse(
         ds["background"].attrs["scale"] = sub.attrs.get("scale", config.background.scale)
         log(f"background: subtracted {config.background.file} (scale {ds['background'].attrs['scale']})")
 
-    if config.pdf.enabled:
-        ds = ds.merge(_pdf(ds, config))
-        log(f"pdf: G(r) for {ds.sizes['point']} points, composition {config.pdf.composition}")
-
-    phases = _phase_library(config)
+    if phases is None:
+        phases = _phase_library(config)
     decomp: dict[str, xr.Dataset] = {}
     d = config.decompose
-    wanted = [(dim, ranges) for dim, ranges in (("q", d.q_ranges), ("r", d.r_ranges))
-              if ranges and _SOURCE[dim] in ds]
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        # the joint fit of all points (per-point phase fractions) and the r decomposition
-        # need nothing from the Q decomposition: threads compute them beside it (NMF and the
-        # NNLS fits spend their time in BLAS and compiled code that release the GIL)
-        joint_fit = pool.submit(_fractions, ds, phases, config)
-        later = {dim: pool.submit(_decompose, ds[_SOURCE[dim]], dim, ranges, d) for dim, ranges in wanted[1:]}
-        for dim, ranges in wanted:
-            res = later[dim].result() if dim in later else _decompose(ds[_SOURCE[dim]], dim, ranges, d)
-            comps = res[f"nmf_{dim}_components"]
-            fractions = joint_fit.result()
-            gr_kwargs = scan_fit = None
-            if dim == "q":
-                # components are named with the phases the joint fit of all points found
-                scan_fit = fractions
-            if dim == "r":
-                # references terminated and damped as the data: the run's Q range and Lorch
-                # window, and the Q resolution found by the Q-space fit (qdamp = sigma_Q)
-                gr_kwargs = _gr_settings(ds, config, fractions)
-            assigned = assign_components(
-                comps, phases, dim=dim, stretch_range=config.phases.stretch_range,
-                max_phases_per_component=MAX_PHASES_PER_COMPONENT, gr_kwargs=gr_kwargs,
-                diffuse_window_A=res.attrs.get("nmf_q_diffuse_window_A"), scan_fit=scan_fit,
-            )
-            res = res.merge(assigned.rename({v: f"{dim}_{v}" for v in assigned.data_vars}))
+    qmax_data = float(ds["q"].max())
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="xrdmap-analysis") as pool:
+        # The joint fit of all points (per-point phase fractions) and the decompositions
+        # need nothing from each other; each assignment needs its decomposition and the
+        # joint fit (Q: it names the components; r: its peak width sets the references'
+        # Q damping). Two threads run them beside this one, which computes the PDF
+        # meanwhile (NMF, FFTs and NNLS spend much of their time in compiled code that
+        # releases the GIL). A step waits only for steps submitted before it, which have
+        # all started: no deadlock.
+        joint_fit = pool.submit(_fractions, ds["iq"], phases, config)
+        nmf = {}
+        if d.q_ranges:
+            nmf["q"] = pool.submit(_decompose, ds["iq"], "q", d.q_ranges, d)
+        if config.pdf.enabled:
+            ds = ds.merge(_pdf(ds, config))
+            log(f"pdf: G(r) for {ds.sizes['point']} points, composition {config.pdf.composition}")
+        if d.r_ranges and "gr" in ds:
+            nmf["r"] = pool.submit(_decompose, ds["gr"], "r", d.r_ranges, d)
+        wanted = list(nmf)
+        named = {dim: pool.submit(_assign_when_ready, nmf[dim], phases, dim, joint_fit, config, qmax_data)
+                 for dim in wanted}
+        for dim in wanted:
+            res = named[dim].result()
             decomp[dim] = res
             ds.attrs.update(res.attrs)  # nmf_{dim}_n_components, _criterion, _x_ranges, ...
-            names = ", ".join(str(v) for v in assigned["component_phase"].values)
-            log(f"nmf in {dim}: {comps.sizes['component']} components -> {names}")
+            names = ", ".join(str(v) for v in res[f"{dim}_component_phase"].values)
+            log(f"nmf in {dim}: {res.sizes['component']} components -> {names}")
         fractions = joint_fit.result()
     ds = ds.merge(_combine_components(decomp), compat="override", combine_attrs="override")
 
@@ -523,7 +532,32 @@ def analyse(
     return ds
 
 
-_SOURCE = {"q": "iq", "r": "gr"}  # what NMF decomposes along each dimension
+def _assign_when_ready(res: Future, phases: dict[str, Any], dim: str, fractions: Future, config: RunConfig,
+                       qmax_data: float) -> xr.Dataset:
+    """:func:`_assign` of the results of two earlier steps."""
+    return _assign(res.result(), phases, dim, fractions.result(), config, qmax_data)
+
+
+def _assign(res: xr.Dataset, phases: dict[str, Any], dim: str, fractions: xr.Dataset, config: RunConfig,
+            qmax_data: float) -> xr.Dataset:
+    """Name the components of the decomposition ``res`` along ``dim``; returns ``res`` with
+    the assignment variables (``{dim}_component_phase``, ...) added."""
+    from xrdmap.assign import assign_components
+
+    gr_kwargs = scan_fit = None
+    if dim == "q":
+        # components are named with the phases the joint fit of all points found
+        scan_fit = fractions
+    if dim == "r":
+        # references terminated and damped as the data: the run's Q range and Lorch
+        # window, and the Q resolution found by the Q-space fit (qdamp = sigma_Q)
+        gr_kwargs = _gr_settings(qmax_data, config, fractions)
+    assigned = assign_components(
+        res[f"nmf_{dim}_components"], phases, dim=dim, stretch_range=config.phases.stretch_range,
+        max_phases_per_component=MAX_PHASES_PER_COMPONENT, gr_kwargs=gr_kwargs,
+        diffuse_window_A=res.attrs.get("nmf_q_diffuse_window_A"), scan_fit=scan_fit,
+    )
+    return res.merge(assigned.rename({v: f"{dim}_{v}" for v in assigned.data_vars}))
 
 
 def _decompose(data: xr.DataArray, dim: str, ranges: list, d: Any) -> xr.Dataset:
@@ -544,7 +578,7 @@ def _decompose(data: xr.DataArray, dim: str, ranges: list, d: Any) -> xr.Dataset
 MAX_PHASES_PER_COMPONENT = 4
 
 
-def _fractions(ds: xr.Dataset, phases: dict[str, Any], config: RunConfig) -> xr.Dataset:
+def _fractions(iq: xr.DataArray, phases: dict[str, Any], config: RunConfig) -> xr.Dataset:
     """Per-point weight fractions (:func:`xrdmap.assign.scan_phase_fractions`).
 
     With ``phases.names`` set, exactly those phases are fitted; otherwise the phases the
@@ -553,13 +587,12 @@ def _fractions(ds: xr.Dataset, phases: dict[str, Any], config: RunConfig) -> xr.
     from xrdmap.assign import scan_phase_fractions
 
     return scan_phase_fractions(
-        ds["iq"], phases, stretch_range=config.phases.stretch_range, select=config.phases.names is None
+        iq, phases, stretch_range=config.phases.stretch_range, select=config.phases.names is None
     )
 
 
-def _gr_settings(ds: xr.Dataset, config: RunConfig, fractions: xr.Dataset) -> dict[str, Any]:
+def _gr_settings(qmax_data: float, config: RunConfig, fractions: xr.Dataset) -> dict[str, Any]:
     p = config.pdf
-    qmax_data = float(ds["q"].max())
     qmaxinst = min(p.qmaxinst or qmax_data, qmax_data)
     out: dict[str, Any] = {"qmax": min(p.qmax, qmaxinst), "qmin": p.qmin, "lorch": p.lorch}
     width = fractions["phase_width"].values
@@ -637,34 +670,107 @@ def _provenance_inputs(config: RunConfig) -> list[str]:
     return list(dict.fromkeys(str(p) for p in inputs))
 
 
-class _Checksums:
-    """sha256 of the input files, computed in a background thread from construction on.
+class _WarmUp:
+    """Work the analysis will need, done in a background thread during the integration.
 
-    hashlib and file reads release the GIL, so the hashing runs on another core while
-    the analysis goes on; :meth:`result` waits for it to finish.
+    Started (:meth:`start`) once the Q grid is known: imports the NMF and plotting
+    modules and builds the reference phases' reflection and pair lists to the Q and r
+    the analysis reaches (~3 s for the shipped library, otherwise paid after the last
+    frame). The dask workers leave the main process's core share mostly idle meanwhile.
+    :meth:`result` waits for it and returns the phases; an error is re-raised there.
     """
 
-    def __init__(self, paths: list[str]) -> None:
-        self._paths = paths
-        self._sums: dict[str, str] = {}
+    def __init__(self, phases: dict[str, Any], config: RunConfig) -> None:
+        self._phases = phases
+        self._config = config
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="xrdmap-checksums", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
 
-    def _run(self) -> None:
-        from xrdmap.io import file_checksum
+    def start(self, q: np.ndarray) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, args=(float(np.max(q)),), name="xrdmap-warm-up",
+                                            daemon=True)
+            self._thread.start()
 
+    def _run(self, q_max: float) -> None:
         try:
-            for p in self._paths:
-                self._sums[p] = file_checksum(p)
+            import scipy.optimize  # noqa: F401
+            import sklearn.decomposition  # noqa: F401
+
+            import xrdmap.assign  # noqa: F401
+            import xrdmap.decompose  # noqa: F401
+
+            if self._config.output.figures:
+                import xrdmap.maps  # noqa: F401
+
+            from xrdmap.assign import _DIRECT_FWHM_Q
+            from xrdmap.phases import _GR_MARGIN_A
+
+            sr = self._config.phases.stretch_range
+            # references reach 30 FWHM beyond the grid (wider peaks are drawn at this
+            # width and convolved), on lattices stretched by up to stretch_range; pair
+            # sums reach _GR_MARGIN_A beyond the r ranges decomposed
+            q_need = (q_max + 30.0 * _DIRECT_FWHM_Q) * (1.0 + sr)
+            r_ranges = self._config.decompose.r_ranges
+            r_need = None
+            if self._config.pdf.enabled and r_ranges:
+                r_need = (max(hi for _, hi in r_ranges) + _GR_MARGIN_A) / (1.0 - sr) + 1.0
+            for phase in dict(self._phases).values():
+                phase.prepare(q_max=q_need, r_max=r_need)
         except BaseException as exc:  # re-raised by result(), in the caller's thread
             self._error = exc
 
-    def result(self) -> dict[str, str]:
-        self._thread.join()
+    def result(self) -> dict[str, Any]:
+        if self._thread is not None:
+            self._thread.join()
         if self._error is not None:
             raise self._error
-        return dict(self._sums)
+        return self._phases
+
+
+class _Checksums:
+    """sha256 of the input files, computed from construction on by a child process at
+    the lowest scheduling priority (:mod:`xrdmap._checksums`).
+
+    Started with the run, the hashing (~1 s per GB) takes CPU time the integration leaves
+    idle and reads the scan while the workers read it, instead of running after the last
+    frame beside the analysis. :meth:`result` waits for it; :meth:`close` stops it early.
+    """
+
+    def __init__(self, paths: list[str]) -> None:
+        import os
+        import subprocess
+        import sys
+
+        self._paths = paths
+        self._proc: Any = None
+        if paths and sys.executable:
+            # the child imports this xrdmap even when it was put on sys.path by hand
+            package_root = str(Path(__file__).resolve().parent.parent)
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "xrdmap._checksums", *paths],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env,
+            )
+
+    def result(self) -> dict[str, str]:
+        if self._proc is None:  # no interpreter to start (embedded Python): hash here
+            from xrdmap.io import file_checksum
+
+            return {p: file_checksum(p) for p in self._paths}
+        out, err = self._proc.communicate()
+        if self._proc.returncode == 2:
+            raise InputError(err.strip())
+        if self._proc.returncode:
+            raise ComputeError(f"checksums of the inputs {self._paths} failed (exit code "
+                               f"{self._proc.returncode}): {err.strip()[-500:]}")
+        return json.loads(out)
+
+    def close(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.communicate()
 
 
 def _provenance(config: RunConfig, checksums: _Checksums) -> dict[str, Any]:
@@ -675,7 +781,12 @@ def _provenance(config: RunConfig, checksums: _Checksums) -> dict[str, Any]:
     return attrs
 
 
-def _write_products(ds: xr.Dataset, config: RunConfig, out_path: Path, log: Log):
+def _figure_dir(out_path: Path) -> Path:
+    stem = out_path.with_suffix("")
+    return stem.parent / f"{stem.name}_figures"
+
+
+def _write_products(ds: xr.Dataset, config: RunConfig, out_path: Path, log: Log, *, phases: Any = "auto"):
     figures: list[Path] = []
     report_figures = None
     report = None
@@ -684,9 +795,10 @@ def _write_products(ds: xr.Dataset, config: RunConfig, out_path: Path, log: Log)
     if config.output.figures:
         from xrdmap.maps import save_figures
 
-        fig_dir = stem.parent / f"{stem.name}_figures"
+        fig_dir = _figure_dir(out_path)
         fig_dir.mkdir(exist_ok=True)
-        figures = save_figures(ds, fig_dir, formats=tuple(config.output.formats))
+        # components are drawn with the run's references (user CIFs included)
+        figures = save_figures(ds, fig_dir, formats=tuple(config.output.formats), phases=phases)
         # the report embeds these files instead of drawing every figure a second time
         report_figures = [p for p in figures if p.suffix.lower() in (".png", ".svg")] or None
         if "crystallinity" in ds:
