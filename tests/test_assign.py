@@ -69,6 +69,13 @@ def test_assign_mixture_by_nnls(q_assignment):
     assert frac.sel(phase="LVP").item() == pytest.approx(0.7, abs=0.05)
     assert frac.sel(phase="Li4P2O7").item() == pytest.approx(0.3, abs=0.05)
     assert abs(ds.component_stretch.values[3] - 1.0) < 0.002
+    # each member's reference as scored: both simulated unstretched; nothing for the others
+    used = ds.component_mixture_stretch.isel(component=3)
+    # (a minor phase's own search is pulled by the major phase's overlapping peaks)
+    assert abs(used.sel(phase="LVP").item() - 1.0) < 0.002
+    assert abs(used.sel(phase="Li4P2O7").item() - 1.0) < 0.01
+    assert np.isnan(used.drop_sel(phase=["LVP", "Li4P2O7"]).values).all()
+    assert np.isfinite(ds.component_mixture_width.isel(component=3).sel(phase=["LVP", "Li4P2O7"]).values).all()
 
 
 def test_unknown_phase_and_random_curve_are_unassigned(q_assignment):
@@ -298,6 +305,10 @@ def test_scan_fit_names_mixture_and_lookalike(coarse):
     frac = ds.component_phase_fraction.isel(component=1)
     assert frac.sel(phase="LATP").item() == pytest.approx(0.6, abs=0.1)
     assert frac.sel(phase="LVP").item() == pytest.approx(0.4, abs=0.1)
+    # the mixture was fitted with the scan fit's references: its stretch and width
+    for name in ("LATP", "LVP"):
+        assert ds.component_mixture_stretch.sel(phase=name).values[1] == 1.0
+        assert ds.component_mixture_width.sel(phase=name).values[1] == 0.25
     # LTP and LATP are one pattern at this resolution: the phase the scan fit kept is named
     assert labels[2] == "LATP"
     assert ds.component_phase_score.sel(phase="LTP").values[2] >= ds.component_phase_score.sel(phase="LATP").values[2] - 0.01

@@ -248,17 +248,20 @@ def _grow_mixture(target, label, score, frac, names, shifted, widths_found, widt
     coarse grid) that removes most of the remaining unexplained variance is added while
     it removes at least ``gain`` of it and every phase keeps ``min_fraction`` of the mass.
     All phases share the peak width of the main phase (the instrument dominates it).
-    Returns the new ``(label, score, frac)``.
+    Returns the new ``(label, score, frac, params)``, ``params`` the (stretch, width) of
+    each member's reference as fitted (None when nothing was added).
     """
     major = max(frac, key=frac.get)
     iw = int(np.argmin(np.abs(np.log(np.asarray(widths)) - np.log(widths_found[major]))))
     chosen: dict[int, np.ndarray] = {}
+    at: dict[int, int] = {}  # stretch index of each member's reference
     for ip in frac:  # members so far: their best coarse stretch at the common width
         refs = shifted[(ip, iw)]
-        chosen[ip] = refs[int(np.argmax(_corr_rows(refs, target)))]
+        at[ip] = int(np.argmax(_corr_rows(refs, target)))
+        chosen[ip] = refs[at[ip]]
     tss = float(target @ target)
     if tss <= 0:
-        return label, score, frac
+        return label, score, frac, None
 
     def fit(rows):
         mat = np.array(rows)
@@ -287,13 +290,15 @@ def _grow_mixture(target, label, score, frac, names, shifted, widths_found, widt
         if 1.0 - sc**2 > (1.0 - gain) * (1.0 - cur_score**2) or f.min() < min_fraction:
             break
         chosen[ip] = shifted[(ip, iw)][i_s]
+        at[ip] = i_s
         cur_score, coef, grown = sc, c, True
     if not grown:
-        return label, score, frac
+        return label, score, frac, None
     f = coef / coef.sum()
     new = {ip: float(fi) for ip, fi in zip(chosen, f, strict=True)}
     order = sorted(new, key=new.get, reverse=True)
-    return " + ".join(names[i] for i in order), cur_score, new
+    params = {ip: (float(stretches[at[ip]]), float(widths[iw])) for ip in chosen}
+    return " + ".join(names[i] for i in order), cur_score, new, params
 
 
 def _present_in_scan(scan_fit: xr.Dataset, names: list[str]) -> dict[str, tuple[float, float]]:
@@ -453,7 +458,9 @@ def assign_components(
         ``component_phase_score`` (component, phase): best single-phase score,
         ``component_phase_stretch`` and ``component_phase_width`` (component, phase),
         ``component_phase_fraction`` (component, phase): weight fractions of the accepted
-        assignment (zeros if unassigned).
+        assignment (zeros if unassigned); ``component_mixture_stretch`` and
+        ``component_mixture_width`` (component, phase): the stretch and width of each
+        phase's reference in that assignment, as it was scored (NaN for other phases).
     """
     _check_dim(dim)
     sim_kw = dict(gr_kwargs or {}) if dim == "r" else {}
@@ -556,7 +563,7 @@ def assign_components(
     present = _present_in_scan(scan_fit, names) if scan_fit is not None else {}
     scan_refs = {n: _simulate(lib[n], x, dim, s, w, **sim_kw) for n, (s, w) in present.items()}
 
-    def _name_by_scan(ic: int, i0: int) -> tuple[str, float, dict[int, float]]:
+    def _name_by_scan(ic: int, i0: int) -> tuple[str, float, dict[int, float], dict | None]:
         """Look-alike resolution and mixture over the scan fit's phases (see scan_fit)."""
         main = names[i0]
         if main not in present:
@@ -574,12 +581,16 @@ def assign_components(
             y[ic], basis, refs, scan_mixture_gain, min_mixture_fraction, max_phases_per_component,
         )
         if members == [main]:
-            return main, float(eligible[ic, names.index(main)]), {names.index(main): 1.0}
+            return main, float(eligible[ic, names.index(main)]), {names.index(main): 1.0}, None
         score = float(np.sqrt(max(0.0, 1.0 - unexplained)))
-        return " + ".join(members), score, {names.index(m): float(frac[m]) for m in members}
+        params = {names.index(m): present.get(m, (best_stretch[ic, names.index(m)], best_width[ic, names.index(m)]))
+                  for m in members}
+        return " + ".join(members), score, {names.index(m): float(frac[m]) for m in members}, params
 
     labels, scores, main_stretch, main_width, runners = [], [], [], [], []
     fractions = np.zeros((n_c, n_p))
+    # stretch and width of each phase's reference in the accepted assignment
+    used_stretch, used_width = np.full((n_c, n_p), np.nan), np.full((n_c, n_p), np.nan)
     # A best stretch at the limit of the search means the optimum lies outside it: not a
     # match at a plausible lattice (at coarse resolution an unrelated pattern can reach
     # min_score by sliding its broad peaks as far as allowed).
@@ -590,8 +601,9 @@ def assign_components(
         i0 = int(order[0])
         label, score = names[i0], float(eligible[ic, i0])
         frac = {i0: 1.0}
+        params = None  # None: each member's own best stretch and width
         if present:
-            label, score, frac = _name_by_scan(ic, i0)
+            label, score, frac, params = _name_by_scan(ic, i0)
         elif max_phases_per_component >= 2 and n_p > 1:
             cands = [int(i) for i in order[:4] if (ic, int(i)) in refined_refs]
             for i, j in itertools.combinations(cands, 2):
@@ -608,10 +620,11 @@ def assign_components(
                     score = sc
                     frac = {i: float(f[0]), j: float(f[1])}
         if max_phases_per_component > 2 and n_p > 2 and not present:
-            label, score, frac = _grow_mixture(
+            label, score, frac, grown = _grow_mixture(
                 yc[ic], label, score, frac, names, shifted, best_width[ic], widths, stretches,
                 max_phases_per_component, mixture_gain, min_mixture_fraction, min_score,
             )
+            params = grown if grown is not None else params
         if score < min_score:
             labels.append(UNASSIGNED)
             scores.append(score)
@@ -625,6 +638,9 @@ def assign_components(
             main_width.append(float(best_width[ic, major]))
             for ip, f in frac.items():
                 fractions[ic, ip] = f
+                used_stretch[ic, ip], used_width[ic, ip] = (
+                    params[ip] if params is not None and ip in params else (best_stretch[ic, ip], best_width[ic, ip])
+                )
         shown = [int(i) for i in order if int(i) != i0 or labels[-1] == UNASSIGNED][:n_runners_up]
         runners.append(
             "; ".join(f"{names[i]} {best_score[ic, i]:.3f} {best_stretch[ic, i]:.4f}" for i in shown)
@@ -643,6 +659,8 @@ def assign_components(
             "component_phase_stretch": ((cdim, "phase"), best_stretch),
             "component_phase_width": ((cdim, "phase"), best_width),
             "component_phase_fraction": ((cdim, "phase"), fractions),
+            "component_mixture_stretch": ((cdim, "phase"), used_stretch),
+            "component_mixture_width": ((cdim, "phase"), used_width),
         },
         coords={cdim: comp_coord, "phase": names},
     )

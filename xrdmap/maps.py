@@ -544,21 +544,34 @@ def _references(ds: xr.Dataset, dim: str, x: np.ndarray, phases) -> list[np.ndar
         var = ds.get(f"{dim}_{name}")
         return None if var is None else np.asarray(var.values, dtype=float)
 
+    def per_phase(name: str) -> tuple[list[str], np.ndarray] | None:
+        var = ds.get(f"{dim}_{name}")
+        if var is None or "phase" not in var.dims:
+            return None
+        return [str(p) for p in var.coords["phase"].values], var.transpose("component", "phase").values
+
     stretch, width = values("component_stretch"), values("component_width")
-    mix = ds.get(f"{dim}_component_phase_fraction")
+    mix = per_phase("component_phase_fraction")
+    # each phase at the stretch and width it was scored with (results written before
+    # these were stored: every phase of a mixture at the main phase's values)
+    mix_stretch, mix_width = per_phase("component_mixture_stretch"), per_phase("component_mixture_width")
+
+    def at(table, i: int, part: str, fallback):
+        if table is not None and part in table[0]:
+            v = float(table[1][i, table[0].index(part)])
+            if np.isfinite(v):
+                return v
+        return fallback
+
     for i in assigned:
         parts = [p.strip() for p in names[i].split(" + ")]
-        weights = [1.0] * len(parts)
-        if len(parts) > 1 and mix is not None and "phase" in mix.dims:
-            labels = [str(p) for p in mix.coords["phase"].values]
-            row = mix.transpose("component", "phase").values[i]
-            weights = [float(row[labels.index(p)]) if p in labels else 0.0 for p in parts]
+        weights = [at(mix, i, p, 0.0) for p in parts] if len(parts) > 1 and mix is not None else [1.0] * len(parts)
         if any(p.lower() not in library for p in parts):
             continue
         s_i = stretch[i] if stretch is not None and np.isfinite(stretch[i]) else 1.0
         w_i = width[i] if width is not None and np.isfinite(width[i]) else None
-        out[i] = sum(wt * reference_pattern(library[part.lower()], x, dim, stretch=s_i, width=w_i,
-                                            diffuse_window_A=window)
+        out[i] = sum(wt * reference_pattern(library[part.lower()], x, dim, stretch=at(mix_stretch, i, part, s_i),
+                                            width=at(mix_width, i, part, w_i), diffuse_window_A=window)
                      for part, wt in zip(parts, weights, strict=True))
     return out
 

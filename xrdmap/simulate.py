@@ -347,9 +347,11 @@ def layout_truth(layout: str | Layout, points: int) -> dict[str, Any]:
     zones = lay.zones
     membership = np.empty((points, len(zones)))
     edges = [z.start for z in zones[1:]]
+    from scipy.special import expit  # the logistic function, without overflow far from an edge
+
     for k in range(len(zones)):
-        lo = 1.0 if k == 0 else 1.0 / (1.0 + np.exp(-(zrel - edges[k - 1]) / width))
-        hi = 0.0 if k == len(zones) - 1 else 1.0 / (1.0 + np.exp(-(zrel - edges[k]) / width))
+        lo = 1.0 if k == 0 else expit((zrel - edges[k - 1]) / width)
+        hi = 0.0 if k == len(zones) - 1 else expit((zrel - edges[k]) / width)
         membership[:, k] = lo - hi
     fractions = sum(membership[:, [k]] * z.fractions(zrel, phases) for k, z in enumerate(zones))
     fractions = np.clip(fractions, 0.0, None)
