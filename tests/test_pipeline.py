@@ -134,6 +134,10 @@ def test_input_checksums_match_hashlib_and_name_a_missing_file(tmp_path):
                     str(b): "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"}
     with pytest.raises(InputError, match=r"missing\.bin.*does not exist"):
         _Checksums([str(b), str(tmp_path / "missing.bin")]).result()
+    many = [str(tmp_path / f"f{i:05d}_{'x' * 60}.tif") for i in range(3000)]  # ~250 kB of paths
+    for name in many:
+        Path(name).write_bytes(name.encode())
+    assert _Checksums(many).result() == {n: hashlib.sha256(n.encode()).hexdigest() for n in many}
     running = _Checksums([str(a)] * 50)
     running.close()  # stopped early (a run that failed): the child is gone
     assert running._proc.poll() is not None

@@ -750,9 +750,13 @@ class _Checksums:
             env = dict(os.environ)
             env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "xrdmap._checksums", *paths],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env,
+                [sys.executable, "-m", "xrdmap._checksums"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.PIPE, text=True, env=env,
             )
+            # the list on stdin: any length (a command line holds a few thousand paths)
+            stdin, self._proc.stdin = self._proc.stdin, None  # communicate() has nothing more to send
+            with stdin:
+                stdin.write(json.dumps(paths))
 
     def result(self) -> dict[str, str]:
         if self._proc is None:  # no interpreter to start (embedded Python): hash here
