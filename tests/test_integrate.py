@@ -399,6 +399,11 @@ def test_cli_integrate_writes_result(tmp_path, scan_files, ai, frames, extras):
     ref = _pyfai(ai, frames[2], mask=extras["mask"])
     assert _max_rel(ds["iq"].values[2], ref.intensity, ref.intensity) <= RTOL
     assert _max_rel(ds["iq_sigma"].values[2], ref.sigma, ref.intensity) <= RTOL
+    # every input file hashed (by the child process that runs beside the integration)
+    import hashlib
+
+    assert ds.attrs["input_checksums"] == {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+                                           for p in (scan, poni, mask)}
 
 
 def test_cli_bad_input_exits_nonzero_without_output(tmp_path, scan_files):

@@ -123,22 +123,22 @@ def test_local_workers_use_glibc_allocation_defaults():
 def test_input_checksums_match_hashlib_and_name_a_missing_file(tmp_path):
     import hashlib
 
-    from xrdmap.pipeline import _Checksums
+    from xrdmap._checksums import InputChecksums
 
     a, b = tmp_path / "a.bin", tmp_path / "b.bin"
     a.write_bytes(np.random.default_rng(0).bytes(3 * 2**20 + 17))
     b.write_bytes(b"abc")
-    sums = _Checksums([str(a), str(b)]).result()
+    sums = InputChecksums([str(a), str(b)]).result()
     assert sums == {str(a): hashlib.sha256(a.read_bytes()).hexdigest(),
                     # sha256("abc") from FIPS 180-2, appendix B.1
                     str(b): "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"}
     with pytest.raises(InputError, match=r"missing\.bin.*does not exist"):
-        _Checksums([str(b), str(tmp_path / "missing.bin")]).result()
+        InputChecksums([str(b), str(tmp_path / "missing.bin")]).result()
     many = [str(tmp_path / f"f{i:05d}_{'x' * 60}.tif") for i in range(3000)]  # ~250 kB of paths
     for name in many:
         Path(name).write_bytes(name.encode())
-    assert _Checksums(many).result() == {n: hashlib.sha256(n.encode()).hexdigest() for n in many}
-    running = _Checksums([str(a)] * 50)
+    assert InputChecksums(many).result() == {n: hashlib.sha256(n.encode()).hexdigest() for n in many}
+    running = InputChecksums([str(a)] * 50)
     running.close()  # stopped early (a run that failed): the child is gone
     assert running._proc.poll() is not None
 

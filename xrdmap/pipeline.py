@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from xrdmap._checksums import InputChecksums
 from xrdmap.config import RunConfig
 from xrdmap.errors import ComputeError, InputError, OutputError
 
@@ -71,14 +72,14 @@ def run(config: RunConfig, *, log: Log = _quiet, progress: Progress | None = Non
     log(f"scan: {scan.sizes['point']} frames of {scan.sizes['y']} x {scan.sizes['x']} px from {config.scan.source}")
     phases = _phase_library(config)  # a bad CIF fails now, not after the integration
     warm = _WarmUp(phases, config)
-    checksums = _Checksums(_provenance_inputs(config))
+    checksums = InputChecksums(_provenance_inputs(config))
     try:
         return _run_stages(config, scan, out_path, warm, checksums, log, progress)
     finally:
         checksums.close()
 
 
-def _run_stages(config: RunConfig, scan: xr.DataArray, out_path: Path, warm: _WarmUp, checksums: _Checksums,
+def _run_stages(config: RunConfig, scan: xr.DataArray, out_path: Path, warm: _WarmUp, checksums: InputChecksums,
                 log: Log, progress: Progress | None) -> RunOutputs:
     from xrdmap.cluster import dask_client
 
@@ -728,61 +729,10 @@ class _WarmUp:
         return self._phases
 
 
-class _Checksums:
-    """sha256 of the input files, computed from construction on by a child process at
-    the lowest scheduling priority (:mod:`xrdmap._checksums`).
-
-    Started with the run, the hashing (~1 s per GB) takes CPU time the integration leaves
-    idle and reads the scan while the workers read it, instead of running after the last
-    frame beside the analysis. :meth:`result` waits for it; :meth:`close` stops it early.
-    """
-
-    def __init__(self, paths: list[str]) -> None:
-        import os
-        import subprocess
-        import sys
-
-        self._paths = paths
-        self._proc: Any = None
-        if paths and sys.executable:
-            # the child imports this xrdmap even when it was put on sys.path by hand
-            package_root = str(Path(__file__).resolve().parent.parent)
-            env = dict(os.environ)
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "xrdmap._checksums"],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.PIPE, text=True, env=env,
-            )
-            # the list on stdin: any length (a command line holds a few thousand paths)
-            stdin, self._proc.stdin = self._proc.stdin, None  # communicate() has nothing more to send
-            with stdin:
-                stdin.write(json.dumps(paths))
-
-    def result(self) -> dict[str, str]:
-        if self._proc is None:  # no interpreter to start (embedded Python): hash here
-            from xrdmap.io import file_checksum
-
-            return {p: file_checksum(p) for p in self._paths}
-        out, err = self._proc.communicate()
-        if self._proc.returncode == 2:
-            raise InputError(err.strip())
-        if self._proc.returncode:
-            raise ComputeError(f"checksums of the inputs {self._paths} failed (exit code "
-                               f"{self._proc.returncode}): {err.strip()[-500:]}")
-        return json.loads(out)
-
-    def close(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.communicate()
-
-
-def _provenance(config: RunConfig, checksums: _Checksums) -> dict[str, Any]:
+def _provenance(config: RunConfig, checksums: InputChecksums) -> dict[str, Any]:
     from xrdmap.results import provenance
 
-    attrs = provenance(json.loads(config.model_dump_json()))
-    attrs["input_checksums"] = checksums.result()
-    return attrs
+    return provenance(json.loads(config.model_dump_json()), checksums=checksums.result())
 
 
 def _figure_dir(out_path: Path) -> Path:

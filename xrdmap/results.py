@@ -64,7 +64,8 @@ _COORDS = "entry/process/coordinates"
 _JSON_PREFIX = "json:"
 
 
-def provenance(config: Mapping[str, Any] | None = None, inputs: Iterable[str | Path] = ()) -> dict[str, Any]:
+def provenance(config: Mapping[str, Any] | None = None, inputs: Iterable[str | Path] = (), *,
+               checksums: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Provenance attributes: software versions, the configuration and input checksums.
 
     Parameters
@@ -73,6 +74,9 @@ def provenance(config: Mapping[str, Any] | None = None, inputs: Iterable[str | P
         The full configuration used (stored as JSON).
     inputs
         Input files; each is recorded with its sha256 checksum.
+    checksums
+        Checksums already computed (path -> sha256), e.g. by
+        :class:`xrdmap._checksums.InputChecksums` during the integration; recorded too.
     """
     import platform
     from importlib.metadata import PackageNotFoundError, version
@@ -85,7 +89,7 @@ def provenance(config: Mapping[str, Any] | None = None, inputs: Iterable[str | P
             continue
     from xrdmap.io import file_checksum
 
-    checksums = {str(p): file_checksum(p) for p in inputs if Path(p).is_file()}
+    checksums = {**(checksums or {}), **{str(p): file_checksum(p) for p in inputs if Path(p).is_file()}}
     return {
         "software_versions": versions,
         "python": platform.python_version(),

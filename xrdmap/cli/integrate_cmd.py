@@ -58,6 +58,7 @@ def integrate(
     that are NaN/inf in a frame are left out of that frame and counted in
     masked_pixels. The result file is written only once everything succeeded.
     """
+    from xrdmap._checksums import InputChecksums
     from xrdmap.integrate import integrate_scan
     from xrdmap.io import open_scan
     from xrdmap.results import provenance, save_result
@@ -81,15 +82,19 @@ def integrate(
                           polarization_factor=pol, outlier_sigma=sigma_clip,
                           saturation=None if saturation.lower() == "none" else saturation)
     t0 = time.perf_counter()
-    ds = _compute_with_progress(lazy, workers=workers, scheduler=scheduler, source=str(frames.attrs.get("source", source)))
-    inputs = [p for p in (*scan, poni, mask, dark, flat) if p is not None]
+    inputs = [str(p) for p in (*scan, poni, mask, dark, flat) if p is not None and Path(p).is_file()]
+    # the inputs are hashed by a low-priority child process while the frames are integrated
+    with InputChecksums(list(dict.fromkeys(inputs))) as checksums:
+        ds = _compute_with_progress(lazy, workers=workers, scheduler=scheduler,
+                                    source=str(frames.attrs.get("source", source)))
+        sums = checksums.result()
     config = {
         "command": "integrate", "scan": scan, "poni": str(poni), "mask": mask, "dark": dark,
         "flat": flat, "npt": npt, "q_range": list(q) if q else None, "polarization_factor": pol, "outlier_sigma": sigma_clip,
         "frames_path": frames_path, "positions": positions, "monitor_path": monitor_path,
     }
     ds.attrs.update(provenance({k: (str(v) if isinstance(v, Path) else v) for k, v in config.items()},
-                               inputs=[p for p in inputs if Path(p).is_file()]))
+                               checksums=sums))
     save_result(ds, output)
     if export_dir is not None:
         from xrdmap.results import export_columns
