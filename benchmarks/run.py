@@ -22,8 +22,9 @@ clean start; select some with ``--parts``):
     PSS every 1 s). Targets: peak <= 2 GB, not growing with the number of frames;
     end-to-end >= 70 % of the frames/s of integration alone.
 ``scaling``
-    Integration of the longer scan on a LocalCluster of 1 and of 2 worker processes
-    (processes=True, threads_per_worker=1; engines built before timing). Target >= 1.7x.
+    Integration of the longer scan on xrdmap's LocalCluster (:func:`xrdmap.cluster.dask_client`)
+    of 1 and of 2 worker processes (threads_per_worker=1; engines built before timing).
+    Target >= 1.7x.
 ``post``
     pdf.transform + decompose (q and r) + assign_components (q and r) + phase_fractions
     on a synthetic (1000 point x 3000 Q) stack of reference-phase mixtures with noise.
@@ -541,8 +542,8 @@ def stream_one(args, points: int) -> dict:
 
 def part_scaling(args) -> dict:
     import cloudpickle
-    from distributed import Client, LocalCluster
 
+    from xrdmap.cluster import dask_client
     from xrdmap.integrate import integrate_scan, make_spec
     from xrdmap.io import open_scan
 
@@ -559,12 +560,12 @@ def part_scaling(args) -> dict:
     spec = make_spec(poni, tuple(scan.shape[1:]), **kw)
     print(f"integrate_scan of {n} frames of {args.stream_size} x {args.stream_size} px from "
           f"{scan_file.name} (Bitshuffle-LZ4, read by the workers), {args.chunk} frames per task, "
-          f"npt {args.npt}; LocalCluster processes=True, threads_per_worker=1; engines built before timing; "
+          f"npt {args.npt}; xrdmap's LocalCluster (processes, threads_per_worker=1); engines built before timing; "
           f"best of {args.repeats}")
     times = {}
     for workers in args.workers:
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                          memory_limit=None) as cluster, Client(cluster) as client:
+        # the cluster xrdmap runs on (the workers' environment included)
+        with dask_client(workers=workers, threads_per_worker=1, memory_limit=None) as client:
             client.run(ib._single_thread)
             client.run(ib._build_engine, spec)
             lazy = integrate_scan(scan, poni, **kw)

@@ -106,18 +106,23 @@ def test_local_cluster_gives_the_same_numbers_as_in_process(small_scan, tmp_path
 
 
 @pytest.mark.slow
-def test_local_workers_use_glibc_allocation_defaults():
+def test_local_workers_use_glibc_allocation_defaults(monkeypatch):
     # distributed's default MALLOC_TRIM_THRESHOLD_ would switch off glibc's adaptive
-    # mmap threshold in the workers (every frame buffer mapped and faulted in anew)
+    # mmap threshold in the workers (every frame buffer mapped and faulted in anew).
+    # A cluster started earlier in the process leaves it in os.environ, where workers
+    # would inherit it: as here.
     import os
 
     from xrdmap.cluster import dask_client
 
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
     with dask_client(workers=1) as client:
         env = next(iter(client.run(lambda: {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}).values()))
         threads = next(iter(client.run(lambda: os.environ.get("OMP_NUM_THREADS")).values()))
+        assert "MALLOC_TRIM_THRESHOLD_" not in os.environ
     assert env == {}
     assert threads == "1"
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"  # this process's environment is restored
 
 
 def test_input_checksums_match_hashlib_and_name_a_missing_file(tmp_path):

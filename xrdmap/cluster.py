@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -108,13 +109,21 @@ def _open_client(
     # (each decoded frame and its float copies) is mapped and unmapped again, page
     # faults included: integration took ~15 % more CPU per frame. With glibc's defaults
     # the freed frame buffers are reused; the engine keeps the workers' memory flat.
-    environ = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ", {}).items()
-               if not k.startswith("MALLOC_")}
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), LocalCluster(
-        n_workers=workers,
-        threads_per_worker=threads_per_worker,
-        processes=True,
-        memory_limit=memory_limit,
-        dashboard_address=":0",
-    ) as local, Client(local) as client:
-        yield client
+    # The nanny also writes the variables into this process's environment (which every
+    # later worker inherits): a cluster started earlier here, by xrdmap or not, leaves
+    # them behind, so they are lifted from it while this cluster lives.
+    defaults = dask.config.get("distributed.nanny.pre-spawn-environ", {})
+    environ = {k: v for k, v in defaults.items() if not k.startswith("MALLOC_")}
+    lifted = {k: os.environ.pop(k) for k, v in defaults.items()
+              if k.startswith("MALLOC_") and v is not None and os.environ.get(k) == str(v)}
+    try:
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), LocalCluster(
+            n_workers=workers,
+            threads_per_worker=threads_per_worker,
+            processes=True,
+            memory_limit=memory_limit,
+            dashboard_address=":0",
+        ) as local, Client(local) as client:
+            yield client
+    finally:
+        os.environ.update(lifted)
