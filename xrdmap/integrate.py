@@ -588,18 +588,14 @@ class IntegrationEngine:
             n = blk.j1 - blk.j0
             xt = x[:, blk.j0:blk.j1].T
             b = buf[:n]
-            if blk.dark is None:
-                np.copyto(b, xt, casting="unsafe")
-            else:
-                np.subtract(xt, blk.dark, out=b, casting="unsafe")
-            out[blk.r0:blk.r1] += blk.w @ b
+            np.copyto(b, xt, casting="unsafe")  # the one strided pass over the frames
             if variance:
                 b2 = buf2[:n]
-                if blk.dark is None:
-                    np.maximum(b, 1.0, out=b2)
-                else:
-                    np.copyto(b2, xt, casting="unsafe")
-                    np.maximum(b2, 1.0, out=b2)
+                np.maximum(b, 1.0, out=b2)  # raw counts, before the dark is taken off
+            if blk.dark is not None:
+                b -= blk.dark  # float32, in cache
+            out[blk.r0:blk.r1] += blk.w @ b
+            if variance:
                 var[blk.r0:blk.r1] += blk.w2 @ b2
         return out, var
 
@@ -685,7 +681,7 @@ class IntegrationEngine:
             # A non-finite pixel anywhere in the integrated region makes its bins non-finite.
             suspect = ~np.isfinite(num[~self.empty_bins]).all(axis=0)
             if sat is not None:
-                suspect |= (x >= sat).any(axis=1)
+                suspect |= x.max(axis=1) >= sat  # one vectorised pass, no boolean frame
             for k in range(x.shape[0]):
                 bad = None
                 if suspect[k] or check_dummy:
