@@ -167,3 +167,18 @@ def test_report_cli(tmp_path):
     text = out.read_text(encoding="utf-8")
     assert '<strong id="nmf-q-k">3</strong>' in text
     assert "result.h5" in text
+
+
+def test_nmf_table_shows_svd_errors_beside_the_nmf_error_of_the_chosen_count():
+    # with the SVD criterion only the chosen count is factorised: its NMF error is shown,
+    # the other counts show the best rank-k (SVD) error and a dash
+    ds = full_result()
+    svd = [11.0, 4.0, 3.8, 3.7]
+    ds["nmf_q_svd_error"] = ("nmf_q_n_components", svd)
+    ds["nmf_q_reconstruction_error"] = ("nmf_q_n_components", [np.nan, 4.25, np.nan, np.nan])
+    nmf = _section(render_report(ds, title="t"), "nmf")
+    assert "best rank-k error (SVD)" in nmf and "NMF reconstruction error" in nmf
+    rows = re.findall(r"<tr(?: class=\"chosen\")?><td class=\"num\">(\d)</td><td class=\"num\">([\d.]+)</td>"
+                      r"<td class=\"num\">([^<]+)</td>", nmf)
+    assert [(int(k), float(e), n) for k, e, n in rows] == [(2, 11.0, "–"), (3, 4.0, "4.25"), (4, 3.8, "–"),
+                                                           (5, 3.7, "–")]
