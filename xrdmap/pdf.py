@@ -186,8 +186,11 @@ def _poly_correction(
     frac = degree - lo
     x = q / qmaxinst
     fit = valid & (q <= qmaxinst)[None, :]
-    masks, groups = np.unique(fit, axis=0, return_inverse=True)
-    groups = np.asarray(groups).ravel()
+    if (fit == fit[:1]).all():  # one mask for every point (usual): no row sort needed
+        masks, groups = fit[:1], np.zeros(len(fit), dtype=np.intp)
+    else:
+        masks, groups = np.unique(fit, axis=0, return_inverse=True)
+        groups = np.asarray(groups).ravel()
     out = np.zeros_like(fq)
     for deg, weight in ((lo, 1.0 - frac), (lo + 1, frac)):
         if deg < 1 or weight == 0.0:
