@@ -485,12 +485,12 @@ def test_first_shell_coordination_number(lib, name, r_lo, r_hi):
 
 
 def test_prepare_builds_the_tables_later_simulations_use():
-    # the same pattern with the lists built up front (one table to 24 A^-1) as when
-    # they grow with the requests
+    # the same pattern with the lists built up front as when they grow with the requests,
+    # and no rebuild for the simulations prepare was told of
     cif = Path(__file__).parents[1] / "xrdmap" / "data" / "cifs" / "Li3V2PO43_LVP_P21n_template_OBELiX-lrh_DLS.cif"
     fresh, prepared = load_cif(cif, "LVP-a"), load_cif(cif, "LVP-b")
-    prepared.prepare(q_max=24.0, r_max=32.0)
-    table = prepared._cache["reflections"]
+    prepared.prepare(q_max=20.0, r_max=20.0, stretch_range=0.02)
+    table, pairs = prepared._cache["reflections"], prepared._cache["pairs"]
     q = np.linspace(0.5, 20.0, 1500)
     r = np.linspace(0.5, 20.0, 800)
     for stretch in (0.98, 1.0, 1.02):
@@ -499,5 +499,6 @@ def test_prepare_builds_the_tables_later_simulations_use():
         np.testing.assert_allclose(prepared.simulate_gr(r, stretch=stretch), fresh.simulate_gr(r, stretch=stretch),
                                    rtol=1e-10, atol=1e-10)
     assert prepared._cache["reflections"] is table  # no rebuild
+    assert prepared._cache["pairs"] is pairs
     with pytest.raises(InputError, match="q_max"):
         prepared.prepare(q_max=-1.0)

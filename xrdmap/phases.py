@@ -80,6 +80,7 @@ _UNAVAILABLE_ALIASES = {
 CIF_DIR = Path(__file__).resolve().parent / "data" / "cifs"
 _BULK_FQ_DIAMETER_A = 60.0  # coherent domain assumed by simulate_fq when size_A is None
 _GR_MARGIN_A = 10.0  # pairs are summed this far beyond the last r requested
+_PEAK_REACH_FWHM = 30.0  # simulate_iq sums reflections this many FWHM beyond the last Q
 _GR_TAPER_A = 5.0  # width of the smooth cut at the end of the pair sum
 _ELEMENT = re.compile(r"([A-Z][a-z]?)")
 
@@ -518,17 +519,24 @@ class Phase:
             amp += partial[:, g] * (_cached_form_factor(el, q) * np.exp(-0.5 * u * q * q))
         return amp.real**2 + amp.imag**2
 
-    def prepare(self, q_max: float | None = None, r_max: float | None = None) -> None:
-        """Build the reflection list to ``q_max`` (A^-1) and the pair list to ``r_max`` (A) now.
+    def prepare(self, q_max: float | None = None, r_max: float | None = None, *,
+                fwhm_q: float | None = None, stretch_range: float = 0.0) -> None:
+        """Build now the reflection and pair lists that later simulations will need.
 
-        Later simulations up to these limits reuse them. For a pipeline that knows its
-        Q and r grids before it needs the references (e.g. in a background thread while
-        frames are integrated); building them costs up to ~0.5 s per large cell at 24 A^-1.
+        Enough for :meth:`simulate_iq` on Q grids up to ``q_max`` (A^-1) with peaks up to
+        ``fwhm_q`` wide (default :data:`DEFAULT_FWHM_Q`) and :meth:`simulate_gr` on r grids
+        up to ``r_max`` (A), on lattices stretched within ``1 +- stretch_range``. For a
+        pipeline that knows its grids before it needs the references (e.g. in a background
+        thread while frames are integrated); the lists cost up to ~0.5 s per large cell
+        at 24 A^-1.
         """
+        if not 0.0 <= stretch_range < 1.0:
+            raise InputError(f"stretch_range {stretch_range!r}: expected 0 <= stretch_range < 1")
         if q_max is not None:
-            self._table(_positive(q_max, "q_max"))
+            reach = _iq_reach(_positive(q_max, "q_max"), _fwhm(fwhm_q, None))
+            self._table(reach * (1.0 + stretch_range))
         if r_max is not None:
-            self._pairs(_positive(r_max, "r_max"))
+            self._pairs(_pair_reach(_positive(r_max, "r_max") + _GR_MARGIN_A, 1.0 - stretch_range))
 
     def reflections(
         self, q_max: float, stretch: float = 1.0, *, u_iso: float | None = None
@@ -616,7 +624,7 @@ class Phase:
         fwhm = _fwhm(fwhm_q, size_A)
         if not 0.0 <= eta <= 1.0:
             raise InputError(f"eta {eta!r}: expected a pseudo-Voigt Lorentzian fraction in [0, 1]")
-        q_top = float(q.max()) + 30.0 * fwhm
+        q_top = _iq_reach(float(q.max()), fwhm)
         table = self._table(q_top * stretch)
         sel = table.q0 / stretch <= q_top
         q_hkl = table.q0[sel] / stretch
@@ -682,7 +690,7 @@ class Phase:
         dr: float,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Untruncated G(r) on a fine grid 0..r_end (A), envelopes applied, smooth end."""
-        pairs = self._pairs(r_end / stretch + 1.0)
+        pairs = self._pairs(_pair_reach(r_end, stretch))
         d = pairs.d * stretch
         sel = d < r_end
         d, w = d[sel], pairs.weight[sel]
@@ -857,6 +865,16 @@ class Phase:
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+def _iq_reach(q_max: float, fwhm: float) -> float:
+    """Largest Q (A^-1) whose reflections count in :meth:`Phase.simulate_iq` up to ``q_max``."""
+    return q_max + _PEAK_REACH_FWHM * fwhm
+
+
+def _pair_reach(r_end: float, stretch: float) -> float:
+    """Pair distance (A, unstretched) the pair list needs for a G(r) summed to ``r_end``."""
+    return r_end / stretch + 1.0
 
 
 def _positive(value: float, name: str) -> float:

@@ -705,19 +705,14 @@ class _WarmUp:
                 import xrdmap.maps  # noqa: F401
 
             from xrdmap.assign import _DIRECT_FWHM_Q
-            from xrdmap.phases import _GR_MARGIN_A
 
-            sr = self._config.phases.stretch_range
-            # references reach 30 FWHM beyond the grid (wider peaks are drawn at this
-            # width and convolved), on lattices stretched by up to stretch_range; pair
-            # sums reach _GR_MARGIN_A beyond the r ranges decomposed
-            q_need = (q_max + 30.0 * _DIRECT_FWHM_Q) * (1.0 + sr)
+            # the assignment simulates peaks up to _DIRECT_FWHM_Q wide (wider ones are
+            # drawn at that width and convolved), on the Q grid and the r ranges decomposed
             r_ranges = self._config.decompose.r_ranges
-            r_need = None
-            if self._config.pdf.enabled and r_ranges:
-                r_need = (max(hi for _, hi in r_ranges) + _GR_MARGIN_A) / (1.0 - sr) + 1.0
+            r_max = max(hi for _, hi in r_ranges) if self._config.pdf.enabled and r_ranges else None
             for phase in dict(self._phases).values():
-                phase.prepare(q_max=q_need, r_max=r_need)
+                phase.prepare(q_max=q_max, r_max=r_max, fwhm_q=_DIRECT_FWHM_Q,
+                              stretch_range=self._config.phases.stretch_range)
         except BaseException as exc:  # re-raised by result(), in the caller's thread
             self._error = exc
 
@@ -735,11 +730,6 @@ def _provenance(config: RunConfig, checksums: InputChecksums) -> dict[str, Any]:
     return provenance(json.loads(config.model_dump_json()), checksums=checksums.result())
 
 
-def _figure_dir(out_path: Path) -> Path:
-    stem = out_path.with_suffix("")
-    return stem.parent / f"{stem.name}_figures"
-
-
 def _write_products(ds: xr.Dataset, config: RunConfig, out_path: Path, log: Log, *, phases: Any = "auto"):
     figures: list[Path] = []
     report_figures = None
@@ -749,7 +739,7 @@ def _write_products(ds: xr.Dataset, config: RunConfig, out_path: Path, log: Log,
     if config.output.figures:
         from xrdmap.maps import save_figures
 
-        fig_dir = _figure_dir(out_path)
+        fig_dir = stem.parent / f"{stem.name}_figures"
         fig_dir.mkdir(exist_ok=True)
         # components are drawn with the run's references (user CIFs included)
         figures = save_figures(ds, fig_dir, formats=tuple(config.output.formats), phases=phases)
