@@ -583,8 +583,9 @@ def assign_components(
         if members == [main]:
             return main, float(eligible[ic, names.index(main)]), {names.index(main): 1.0}, None
         score = float(np.sqrt(max(0.0, 1.0 - unexplained)))
-        params = {names.index(m): present.get(m, (best_stretch[ic, names.index(m)], best_width[ic, names.index(m)]))
-                  for m in members}
+        # members from the scan fit were scored with its stretch and width; the main phase,
+        # if the scan fit lacks it, with its own (the default of the caller)
+        params = {names.index(m): present[m] for m in members if m in present}
         return " + ".join(members), score, {names.index(m): float(frac[m]) for m in members}, params
 
     labels, scores, main_stretch, main_width, runners = [], [], [], [], []
@@ -751,7 +752,7 @@ def _refine_on_mixture(target, x, dim, lib, names, stretch, width, bg, stretch_r
     """
     grid = 1.0 + np.arange(-stretch_range, stretch_range + 1e-12, 0.0025)
 
-    def descend(stretch, width):
+    def descend(stretch, width, n_sweeps):
         stretch, width = dict(stretch), float(width)
         refs = {n: _simulate(lib[n], x, dim, stretch[n], width) for n in names}
 
@@ -765,7 +766,7 @@ def _refine_on_mixture(target, x, dim, lib, names, stretch, width, bg, stretch_r
                 np.array([_simulate(lib[n], x, dim, stretch[n], w) for n in names]), bg]).T)
 
         best = rss_width(width)
-        for sweep in range(sweeps):
+        for sweep in range(n_sweeps):
             for n in names:
                 s0 = stretch[n]
                 if sweep == 0:
@@ -789,11 +790,10 @@ def _refine_on_mixture(target, x, dim, lib, names, stretch, width, bg, stretch_r
                 refs = {n: _simulate(lib[n], x, dim, stretch[n], width) for n in names}
         return stretch, width, best
 
-    if not thorough:
-        sweeps = 1
-        ends = [descend(stretch, width)]
+    if thorough:
+        ends = [descend({n: 1.0 for n in names}, width, sweeps), descend(stretch, width, sweeps)]
     else:
-        ends = [descend({n: 1.0 for n in names}, width), descend(stretch, width)]
+        ends = [descend(stretch, width, 1)]
     s_best, w_best, _ = min(ends, key=lambda e: e[2])
     return s_best, {n: w_best for n in names}
 
@@ -1116,10 +1116,11 @@ def scan_phase_fractions(iq, phases, *, stretch_range: float = 0.03, select: boo
     components in Q.
     """
     phases = _phases_dict(phases)
+    select = select and len(phases) > 1
     # the library-wide fit only feeds the selection: a single descent is enough there;
     # the fit of the chosen phases below is the thorough one
     full = phase_fractions(iq, phases, dim="q", stretch_range=stretch_range, thorough=not select)
-    if not select or len(phases) <= 1:
+    if not select:
         return full
     stretch = {n: float(full["phase_stretch"].sel(phase=n)) for n in phases}
     width = float(np.nanmedian(full["phase_width"].values))
