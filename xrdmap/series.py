@@ -71,7 +71,9 @@ def bragg_part(iq: xr.DataArray, *, window_A: float = 1.0, dim: str = "q") -> xr
     component of its own. References are compared after the same treatment
     (:func:`xrdmap.assign.assign_components` ``diffuse_window_A``).
     """
-    return (iq - diffuse_baseline(iq, window_A=window_A, dim=dim)).clip(min=0)
+    _check_q(iq, dim)
+    step = float(np.median(np.diff(iq[dim].values)))
+    return iq.copy(data=bragg_values(iq.values, step, window_A, axis=iq.get_axis_num(dim)))
 
 
 def bragg_values(values: np.ndarray, step: float, window_A: float = 1.0, axis: int = -1) -> np.ndarray:
@@ -92,8 +94,7 @@ def crystallinity_index(
     sel = iq.sel({dim: slice(*q_range)})
     if sel.sizes[dim] < 5:
         raise InputError(f"crystallinity q_range {q_range} holds fewer than 5 points of the pattern")
-    base = diffuse_baseline(sel, window_A=window_A, dim=dim)
-    bragg = (sel - base).clip(min=0)
+    bragg = bragg_part(sel, window_A=window_A, dim=dim)
     total = sel.clip(min=0).integrate(dim)
     out = bragg.integrate(dim) / total.where(total > 0)
     out.name = "crystallinity"
