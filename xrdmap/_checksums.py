@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from xrdmap.errors import ComputeError, InputError
+from xrdmap.errors import ComputeError, InputError, XrdmapError
 
 
 class InputChecksums:
@@ -77,7 +77,6 @@ def main(argv: list[str] | None = None) -> int:
             os.nice(19)
         except OSError:
             pass
-    from xrdmap.errors import XrdmapError
     from xrdmap.io import file_checksum
 
     paths = json.loads(sys.stdin.read()) if argv is None else argv
