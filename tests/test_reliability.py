@@ -1066,3 +1066,29 @@ def test_interrupt_swallowed_by_python_is_raised_again():
     finally:
         _app._received.clear()
     _app.raise_if_interrupted()  # nothing pending: no exception
+
+
+def test_swallowed_interrupt_is_not_printed_but_other_unraisable_errors_are(capsys):
+    # the CLI honours the swallowed interrupt itself (raise_if_interrupted), so Python's
+    # "Exception ignored ... Traceback" would only bury its one-line message
+    from xrdmap.cli import _app
+
+    class Interrupts:
+        def __del__(self):
+            _app._on_signal(signal.SIGINT, None)
+
+    class Fails:
+        def __del__(self):
+            raise ValueError("a real bug in a finaliser")
+
+    previous, sys.unraisablehook = sys.unraisablehook, _app._unraisable
+    _app._received.clear()
+    try:
+        Interrupts()
+        assert capsys.readouterr().err == ""
+        Fails()
+        err = capsys.readouterr().err
+        assert "Traceback" in err and "a real bug in a finaliser" in err
+    finally:
+        sys.unraisablehook = previous
+        _app._received.clear()

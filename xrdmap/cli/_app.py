@@ -76,6 +76,16 @@ def _on_signal(signum, frame) -> None:  # noqa: ARG001 - signal handler signatur
     raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
+def _unraisable(report) -> None:
+    """``sys.unraisablehook`` of the CLI: an interrupt our handler raised where Python
+    cannot propagate it (weakref callback, ``__del__``) is honoured by
+    :func:`raise_if_interrupted`, not printed as a traceback; anything else is reported
+    as Python would."""
+    if isinstance(report.exc_value, (KeyboardInterrupt, Terminated)) and _received:
+        return
+    sys.__unraisablehook__(report)
+
+
 def raise_if_interrupted() -> None:
     """Raise again for a SIGINT/SIGTERM whose first exception was swallowed."""
     if _received:
@@ -91,6 +101,7 @@ def main() -> None:
     """
     _received.clear()
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, _unraisable
     try:
         app()
     except XrdmapError as exc:
@@ -104,5 +115,6 @@ def main() -> None:
         )
         sys.exit(143)
     finally:
+        sys.unraisablehook = previous_hook
         for sig, handler in previous.items():
             signal.signal(sig, handler)
