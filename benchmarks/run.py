@@ -313,12 +313,15 @@ STAGES = (
     ("xrdmap.pipeline", "_open_scan", "open scan"),
     ("xrdmap.cluster", "dask_client", "cluster start"),
     ("xrdmap.pipeline", "integrate_checkpointed", "integrate frames (+ checkpoints)"),
-    ("xrdmap.pipeline", "_integrated_background", "integrate background"),
+    ("xrdmap.pipeline", "_Background.result", "wait for the background"),
     ("xrdmap.background", "subtract_background", "subtract background"),
     ("xrdmap.pdf", "transform", "pdf.transform"),
     ("xrdmap.pdf", "coherence_length", "coherence_length + low_r_ripple"),
     ("xrdmap.pdf", "low_r_ripple", "coherence_length + low_r_ripple"),
     ("xrdmap.phases", "load_library", "load phase library"),
+    ("xrdmap.pipeline", "bin_points", "bin points"),
+    ("xrdmap.pipeline", "analyse", "analyse (waits for its threads)"),
+    ("xrdmap.assign", "scan_phase_fractions", "scan_phase_fractions (selection)"),
     ("xrdmap.pipeline", "_WarmUp._run", "warm-up (imports, reference tables)"),
     ("xrdmap.pipeline", "_WarmUp.result", "wait for the warm-up"),
     ("xrdmap.decompose", "decompose", "decompose (q and r)"),
@@ -341,6 +344,8 @@ class StageTimer:
         self._local = threading.local()  # one stack of open stages per thread
         self._lock = threading.Lock()
         self._saved: list = []
+        self.t0 = time.perf_counter()
+        self.events: list[tuple[str, str, float, float]] = []  # (label, thread, start, end), s from t0
 
     def _wrap(self, fn, label):
         import functools
@@ -361,6 +366,7 @@ class StageTimer:
                 # their time overlaps the main thread's and is not part of the wall-time sum
                 key = label if threading.current_thread() is threading.main_thread() else f"[thread] {label}"
                 with timer._lock:
+                    timer.events.append((label, threading.current_thread().name, t0 - timer.t0, t0 + total - timer.t0))
                     timer.times[key] = timer.times.get(key, 0.0) + total - inner
                     timer.hwm[key] = ib.peak_rss_mb()
                 if stack:
@@ -378,14 +384,22 @@ class StageTimer:
                 mod = getattr(mod, cls_name)
             fn = getattr(mod, name)
             self._saved.append((mod, name, fn))
-            if name == "dask_client":  # a context manager: time its start only
+            if name == "dask_client":  # a context manager: time its start and its shutdown
                 def started(*a, _fn=fn, **k):
                     @contextlib.contextmanager
                     def cm():
                         t0 = time.perf_counter()
                         with _fn(*a, **k) as client:
-                            self.times["cluster start"] = self.times.get("cluster start", 0.0) + time.perf_counter() - t0
-                            yield client
+                            t1 = time.perf_counter()
+                            self.times["cluster start"] = self.times.get("cluster start", 0.0) + t1 - t0
+                            self.events.append(("cluster start", "MainThread", t0 - self.t0, t1 - self.t0))
+                            try:
+                                yield client
+                            finally:
+                                t2 = time.perf_counter()
+                        t3 = time.perf_counter()
+                        self.times["cluster shutdown"] = self.times.get("cluster shutdown", 0.0) + t3 - t2
+                        self.events.append(("cluster shutdown", "MainThread", t2 - self.t0, t3 - self.t0))
                     return cm()
                 setattr(mod, name, started)
             else:
@@ -415,16 +429,20 @@ def reset_peak_rss() -> None:
         pass
 
 
-def time_pipeline(cfg) -> tuple[float, dict[str, tuple[float, float]], TreeRSS]:
+def time_pipeline(cfg, timeline: bool = False) -> tuple[float, dict[str, tuple[float, float]], TreeRSS]:
     """Wall time of pipeline.run; per stage function its exclusive time (s) and the peak RSS
     of this process when it ended (MB); tree RSS."""
     from xrdmap import pipeline
 
     reset_peak_rss()
     with TreeRSS() as mem, StageTimer() as stages:
-        t0 = time.perf_counter()
+        t0 = stages.t0 = time.perf_counter()
         pipeline.run(cfg)
         total = time.perf_counter() - t0
+    if timeline:
+        print("  timeline of the run (s from its start; thread):")
+        for label, thread, start, end in sorted(stages.events, key=lambda e: e[2]):
+            print(f"    {start:6.2f} - {end:6.2f}  {label:36s} {thread}")
     return total, {k: (t, stages.hwm.get(k, float("nan"))) for k, t in stages.times.items()}, mem
 
 
@@ -509,7 +527,7 @@ def stream_one(args, points: int) -> dict:
     outdir.mkdir(parents=True)
     cfg = run_config(scan, outdir, workers, args.npt, args.phases)
     warm_page_cache(scan)
-    t_run, stages, mem_run = time_pipeline(cfg)
+    t_run, stages, mem_run = time_pipeline(cfg, timeline=args.timeline)
     t_warm = warm_page_cache(scan)
     t_int, mem_int, threads = time_integration(cfg)
     fps_int, fps_run = points / t_int, points / t_run
@@ -689,6 +707,7 @@ def parse_args(argv=None):
     p.add_argument("--chunk", type=int, default=8, help="frames per task in the scaling part")
     p.add_argument("--repeats", type=int, help="interleaved rounds, best kept (default 3, quick 1)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument("--timeline", action="store_true", help="stream: print when each stage of the run started and ended")
     p.add_argument("--data-dir", default=str(Path(os.environ.get("TMPDIR", tempfile.gettempdir())) / "xrdmap-bench"),
                    help="where simulated scans are cached and runs write their output")
     p.add_argument("--part", help=argparse.SUPPRESS)  # internal: run one part in this process

@@ -287,6 +287,22 @@ def test_iq_fast_path_and_validation(lib):
         lvp.simulate_iq(q, eta=2)
 
 
+def test_remembered_peak_areas_give_the_same_patterns(lib):
+    # Phase._peak_areas keeps the structure factors of recent (stretch, u_iso): patterns
+    # from it (other widths, shorter and longer Q ranges) equal those of a fresh copy
+    import pickle
+
+    warm = pickle.loads(pickle.dumps(lib["LATP"]))  # own, empty cache
+    q_short, q_long = np.linspace(0.5, 8, 900), np.linspace(0.5, 20, 2400)
+    calls = [(q_short, 1.01, 0.05, None), (q_short, 1.01, 0.03, None), (q_long, 1.01, 0.03, None),
+             (q_short, 1.01, 0.05, None), (q_long, 1.01, 0.05, 0.01), (q_short, 0.99, 0.05, None)]
+    for q, stretch, fwhm, u in calls:
+        got = warm.simulate_iq(q, stretch=stretch, fwhm_q=fwhm, u_iso=u)
+        fresh = pickle.loads(pickle.dumps(lib["LATP"])).simulate_iq(q, stretch=stretch, fwhm_q=fwhm, u_iso=u)
+        np.testing.assert_array_equal(got, fresh)
+    assert len(warm._cache["areas"]) == 3  # (1.01, None), (1.01, 0.01), (0.99, None)
+
+
 # ------------------------------------------------------------------ G(r), F(Q)
 
 

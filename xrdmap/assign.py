@@ -32,6 +32,7 @@ import numpy as np
 import xarray as xr
 from scipy.optimize import lsq_linear, minimize_scalar, nnls
 
+from xrdmap._nnls import nnls_rows
 from xrdmap.errors import ConfigError, InputError
 
 __all__ = [
@@ -932,9 +933,7 @@ def phase_fractions(
     qmat, rmat = np.linalg.qr(a)
     rhs = data @ qmat
     coef = np.zeros((data.shape[0], a.shape[1]))
-    for i in range(data.shape[0]):
-        if finite[i]:
-            coef[i], _ = nnls(rmat, rhs[i], maxiter=50 * a.shape[1])
+    coef[finite] = nnls_rows(rmat, rhs[finite], maxiter=50 * a.shape[1])[0]
     coef /= norms
     n_p = len(names)
     amount = coef[:, :n_p]
@@ -1052,11 +1051,8 @@ def select_phases(
         qmat, rmat = np.linalg.qr(design / norms)
         rhs = data @ qmat
         outside = np.sum(data**2, axis=1) - np.sum(rhs**2, axis=1)
-        coef = np.zeros((len(data), design.shape[1]))
-        total = 0.0
-        for i in range(len(data)):
-            coef[i], rn = nnls(rmat, rhs[i], maxiter=50 * design.shape[1])
-            total += rn**2 + max(outside[i], 0.0)
+        coef, rn = nnls_rows(rmat, rhs, maxiter=50 * design.shape[1])
+        total = float(np.sum(rn**2 + np.maximum(outside, 0.0)))
         amount = coef[:, : len(chosen)] / norms[: len(chosen)]
         with np.errstate(invalid="ignore", divide="ignore"):
             frac = amount / amount.sum(axis=1, keepdims=True)

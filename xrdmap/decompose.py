@@ -144,14 +144,10 @@ def _nnls_rows(rows: np.ndarray, basis: np.ndarray) -> np.ndarray:
     ``basis`` is (k, m) with small k: one QR of ``basis.T`` turns each problem into a
     k x k triangular NNLS (the residual outside the span of the basis is a constant).
     """
-    from scipy.optimize import nnls
+    from xrdmap._nnls import nnls_rows
 
     qmat, rmat = np.linalg.qr(basis.T)
-    rhs = rows @ qmat
-    out = np.empty((rows.shape[0], basis.shape[0]))
-    for i in range(rows.shape[0]):
-        out[i], _ = nnls(rmat, rhs[i], maxiter=100 * basis.shape[0])
-    return out
+    return nnls_rows(rmat, rows @ qmat, maxiter=100 * basis.shape[0])[0]
 
 
 def _solve_components(x: np.ndarray, w: np.ndarray) -> np.ndarray:

@@ -27,7 +27,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -625,13 +627,37 @@ class Phase:
         if not 0.0 <= eta <= 1.0:
             raise InputError(f"eta {eta!r}: expected a pseudo-Voigt Lorentzian fraction in [0, 1]")
         q_top = _iq_reach(float(q.max()), fwhm)
+        q_hkl, area = self._peak_areas(stretch, u_iso, q_top)
+        return _pseudo_voigt_sum(q, q_hkl, area, fwhm, eta, q_top)
+
+    def _peak_areas(self, stretch: float, u_iso: float | None, q_top: float) -> tuple[np.ndarray, np.ndarray]:
+        """Positions (A^-1) and integrated intensities of the reflections up to ``q_top``
+        on the stretched lattice (:meth:`simulate_iq` without the peak shape).
+
+        The last few (stretch, u_iso) are remembered: fits try many peak widths at one
+        stretch, and the structure factors (most of the cost) do not depend on the width.
+        """
         table = self._table(q_top * stretch)
+        key = (float(stretch), u_iso)
+        with _AREAS_LOCK:
+            areas = self._cache.setdefault("areas", OrderedDict())
+            hit = areas.get(key)
+            if hit is not None and hit[3] is table and hit[0] >= q_top:
+                areas.move_to_end(key)
+                n = int(np.searchsorted(hit[1], q_top, side="right"))
+                return hit[1][:n], hit[2][:n]
         sel = table.q0 / stretch <= q_top
         q_hkl = table.q0[sel] / stretch
         f2 = self._f2(table.partial[sel], q_hkl, u_iso)
         volume = self.volume_A3 * stretch**3
         area = 2.0 * np.pi**2 / (volume * self.cell_mass) * table.mult[sel] * f2 / q_hkl**2
-        return _pseudo_voigt_sum(q, q_hkl, area, fwhm, eta, q_top)
+        q_hkl.setflags(write=False)
+        area.setflags(write=False)
+        with _AREAS_LOCK:
+            areas[key] = (q_top, q_hkl, area, table)
+            while len(areas) > _AREAS_KEPT:
+                areas.popitem(last=False)
+        return q_hkl, area
 
     # ------------------------------------------------------------ pairs, G(r), F(Q)
     def _pairs(self, r_max: float) -> _PairTable:
@@ -957,6 +983,9 @@ def _sphere_envelope(r: np.ndarray, diameter: float) -> np.ndarray:
     x = np.asarray(r) / diameter
     return np.where(x < 1.0, 1.0 - 1.5 * x + 0.5 * x**3, 0.0)
 
+
+_AREAS_LOCK = threading.Lock()
+_AREAS_KEPT = 8  # (stretch, u_iso) remembered per phase by Phase._peak_areas: ~100 kB each
 
 _FF_STEP = 0.002  # A^-1; f0 is smooth, linear interpolation error < 1e-5 electrons
 
