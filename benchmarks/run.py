@@ -482,21 +482,42 @@ def part_stream(args) -> dict:
     print(f"xrdmap run (pipeline.run: integration + background + PDF + NMF q/r + assignment + fractions "
           f"+ result + figures + report), {workers} dask worker processes, npt {args.npt}, "
           f"Q {Q_MIN}-20 A^-1, phases: {', '.join(args.phases) if args.phases else 'the whole shipped library'}")
-    if len(args.stream_points) == 1:
+    if len(args.stream_points) == 1 and args.stream_rounds == 1:
         return stream_one(args, args.stream_points[0])
-    # one clean process per scan length: a run's peak must not include the heap left
-    # behind by the runs measured before it in the same process
+    # one clean process per scan length and round: a run's peak must not include the heap
+    # left behind by the runs measured before it in the same process, and a second run in
+    # one process would find the reference phases' tables already built (a CLI run does not)
     res = {}
     for points in args.stream_points:
-        cmd = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--stream-points", str(points)]
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-        for line in proc.stdout.splitlines():
-            if line.startswith("RESULT-JSON "):
-                res.update({int(k): v for k, v in json.loads(line[len("RESULT-JSON "):]).items()})
-            elif not line.startswith("xrdmap run (pipeline.run"):
-                print(line)
-        if proc.returncode:
-            print(f"stream measurement of {points} frames FAILED (exit code {proc.returncode})")
+        rounds = []
+        for _ in range(args.stream_rounds):
+            cmd = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--stream-points", str(points),
+                   "--stream-rounds", "1"]
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+            for line in proc.stdout.splitlines():
+                if line.startswith("RESULT-JSON "):
+                    rounds += [v for k, v in json.loads(line[len("RESULT-JSON "):]).items()]
+                elif not line.startswith("xrdmap run (pipeline.run"):
+                    print(line)
+            if proc.returncode:
+                print(f"stream measurement of {points} frames FAILED (exit code {proc.returncode})")
+        if len(rounds) > 1:
+            # each round a fresh process measuring both; the best time of each is kept and
+            # the highest memory peak
+            best = dict(min(rounds, key=lambda r: r["t_run"]))
+            best["t_int"] = min(r["t_int"] for r in rounds)
+            best["ratio"] = best["t_int"] / best["t_run"]
+            for key in ("peak_run", "peak_int", "pss_run"):
+                best[key] = max(r[key] for r in rounds)
+            t_runs = ", ".join(f"{r['t_run']:.1f}" for r in rounds)
+            t_ints = ", ".join(f"{r['t_int']:.1f}" for r in rounds)
+            print(f"\n{points} frames, {len(rounds)} rounds (each a fresh process): run {t_runs} s; "
+                  f"integration alone {t_ints} s")
+            print(f"  RATIO end-to-end / integration alone, best of each: {best['ratio']:5.2f}  (target >= 0.70)   "
+                  f"{'PASS' if best['ratio'] >= 0.7 else 'MISS'}")
+            res[points] = best
+        elif rounds:
+            res[points] = rounds[0]
     if len(res) < 2:
         return {str(k): v for k, v in res.items()}
     small, big = min(res), max(res)
@@ -707,6 +728,8 @@ def parse_args(argv=None):
     p.add_argument("--chunk", type=int, default=8, help="frames per task in the scaling part")
     p.add_argument("--repeats", type=int, help="interleaved rounds, best kept (default 3, quick 1)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument("--stream-rounds", type=int, default=1,
+                   help="stream: interleaved rounds of run and integration alone, the best of each kept (default 1)")
     p.add_argument("--timeline", action="store_true", help="stream: print when each stage of the run started and ended")
     p.add_argument("--data-dir", default=str(Path(os.environ.get("TMPDIR", tempfile.gettempdir())) / "xrdmap-bench"),
                    help="where simulated scans are cached and runs write their output")

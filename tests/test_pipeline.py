@@ -176,6 +176,55 @@ def test_full_run_writes_a_complete_result(small_scan, tmp_path):
     assert not out.with_name(out.name + ".checkpoint").exists()
 
 
+def test_missing_background_fails_before_the_integration(small_scan, tmp_path, monkeypatch):
+    import xrdmap.pipeline as pipeline
+
+    out = tmp_path / "result.h5"
+    cfg = _config(small_scan, out, background__file=str(tmp_path / "kapton.h5"))
+    monkeypatch.setattr(pipeline, "integrate_checkpointed", lambda *a, **k: pytest.fail("integration started"))
+    with pytest.raises(InputError, match="kapton.h5.*does not exist"):
+        run(cfg)
+    assert not out.exists()
+
+
+def test_figures_drawn_early_are_removed_when_the_analysis_fails(small_scan, tmp_path, monkeypatch):
+    # the figures of I(Q), G(r) and the fractions are written while the NMF components are
+    # being named; a failure after them leaves neither figures nor a result file
+    import xrdmap.pipeline as pipeline
+
+    out = tmp_path / "result.h5"
+    cfg = _config(small_scan, out, output__report=False)
+    drawn = []
+
+    def early(self, ds):
+        original(self, ds)
+        drawn.extend(self.written)
+
+    def broken(*_a, **_k):
+        raise RuntimeError("assignment failed")
+
+    original = pipeline._Figures.draw_early
+    monkeypatch.setattr(pipeline._Figures, "draw_early", early)
+    monkeypatch.setattr(pipeline, "_assign_when_ready", broken)
+    with pytest.raises(RuntimeError, match="assignment failed"):
+        run(cfg)
+    assert {p.stem for p in drawn} >= {"iq_map", "gr_map", "phase_fractions"}
+    assert not any(p.exists() for p in drawn)
+    assert not out.exists()
+
+
+def test_run_draws_every_figure_once_in_the_usual_order(small_scan, tmp_path):
+    from xrdmap.maps import FIGURES
+
+    out = tmp_path / "result.h5"
+    outputs = run(_config(small_scan, out, output__report=False))
+    names = [p.stem for p in outputs.figures]
+    expected = [n for group in FIGURES.values() for n in group]
+    assert names == [n for n in expected if n in names] and len(set(names)) == len(names)
+    assert {"iq_map", "gr_map", "components_q", "components_r", "phase_fractions", "quality"} <= set(names)
+    assert all(p.is_file() for p in outputs.figures) and out.is_file()
+
+
 def test_bin_points_averages_and_combines_uncertainties():
     n, nq = 10, 4
     iq = np.arange(n * nq, dtype=float).reshape(n, nq)

@@ -89,6 +89,7 @@ def _run_stages(config: RunConfig, scan: xr.DataArray, out_path: Path, warm: _Wa
     background = _Background(config)  # a missing or unreadable background fails now
     cluster = contextlib.ExitStack()
     closing: threading.Thread | None = None
+    figures: _Figures | None = None
     try:
         client = cluster.enter_context(dask_client(
             workers=c.workers, threads_per_worker=c.threads_per_worker, scheduler=c.scheduler,
@@ -114,10 +115,16 @@ def _run_stages(config: RunConfig, scan: xr.DataArray, out_path: Path, warm: _Wa
         closing.start()
         ds = bin_points(ds, config.scan.time_bin, config.scan.time_window)
         phases = warm.result()
-        ds = analyse(ds, config, background=background_iq, log=log, phases=phases)
+        figures = _Figures(config, out_path, phases)
+        # the figures of I(Q), G(r) and the fractions are drawn while the NMF components
+        # are named (this thread would only wait there)
+        ds = analyse(ds, config, background=background_iq, log=log, phases=phases,
+                     on_fractions=figures.draw_early if config.output.figures else None)
     except BaseException:
         if closing is None:
             cluster.__exit__(*sys.exc_info())
+        if figures is not None:
+            figures.discard()  # no figures without the result they belong to
         raise
     finally:
         if closing is not None:
@@ -127,12 +134,15 @@ def _run_stages(config: RunConfig, scan: xr.DataArray, out_path: Path, warm: _Wa
     from xrdmap.results import save_result
 
     # The result file is written by a second thread while this one draws the figures:
-    # HDF5's compression runs without the GIL (~1.3 s for 500 points, beside ~2.5 s of
+    # HDF5's compression runs without the GIL (~1.3 s for 500 points, beside the
     # figures, instead of after them).
     saving = _InThread(save_result, ds, out_path, name="xrdmap-save-result")
     try:
         outputs = RunOutputs(result=out_path, dataset=ds)
-        outputs.figures, outputs.report, outputs.exports = _write_products(ds, config, out_path, log, phases=phases)
+        outputs.figures, outputs.report, outputs.exports = _write_products(ds, config, out_path, log, figures)
+    except BaseException:
+        figures.discard()
+        raise
     finally:
         saving.result()  # waits; raises the save's error, if any
     log(f"result: {out_path}")
@@ -548,10 +558,14 @@ def analyse(
     background: xr.DataArray | None = None,
     log: Log = _quiet,
     phases: dict[str, Any] | None = None,
+    on_fractions: Callable[[xr.Dataset], None] | None = None,
 ) -> xr.Dataset:
     """Background, PDF, NMF, phase assignment and phase fractions on integrated data.
 
     ``phases``: the reference phases (default: the library ``config`` names).
+    ``on_fractions``: called in this thread with the data, its PDF and the phase
+    fractions as soon as those exist, while the NMF components are still being named
+    in helper threads (e.g. to draw the figures that need nothing else).
     """
 
     if background is not None:
@@ -592,6 +606,8 @@ def analyse(
         wanted = list(nmf)
         named = {dim: pool.submit(_assign_when_ready, nmf[dim], phases, dim, joint_fit, config, qmax_data)
                  for dim in wanted}
+        if on_fractions is not None:
+            on_fractions(ds.merge(joint_fit.result(), compat="no_conflicts", join="outer"))
         for dim in wanted:
             res = named[dim].result()
             decomp[dim] = res
@@ -810,21 +826,61 @@ def _provenance(config: RunConfig, checksums: InputChecksums) -> dict[str, Any]:
     return provenance(json.loads(config.model_dump_json()), checksums=checksums.result())
 
 
-def _write_products(ds: xr.Dataset, config: RunConfig, out_path: Path, log: Log, *, phases: Any = "auto"):
-    figures: list[Path] = []
+class _Figures:
+    """The run's figures, in ``<output stem>_figures/``, drawn in two rounds: those that
+    need only I(Q), G(r) and the phase fractions (:data:`_EARLY_FIGURES`) as soon as
+    these exist (:meth:`draw_early`), the rest with the whole result (:meth:`draw_rest`).
+    Components are drawn with the run's references (user CIFs included)."""
+
+    def __init__(self, config: RunConfig, out_path: Path, phases: Any) -> None:
+        stem = out_path.with_suffix("")
+        self.dir = stem.parent / f"{stem.name}_figures"
+        self._formats = tuple(config.output.formats)
+        self._phases = phases
+        self.written: list[Path] = []
+        self._drawn: set[str] = set()
+
+    def _draw(self, ds: xr.Dataset, groups: list[str]) -> None:
+        from xrdmap.maps import save_figures
+
+        self.dir.mkdir(exist_ok=True)
+        self.written += save_figures(ds, self.dir, formats=self._formats, what=groups, phases=self._phases)
+        self._drawn.update(groups)
+
+    def draw_early(self, ds: xr.Dataset) -> None:
+        self._draw(ds, list(_EARLY_FIGURES))
+
+    def draw_rest(self, ds: xr.Dataset) -> list[Path]:
+        from xrdmap.maps import FIGURES
+
+        rest = [g for g in FIGURES if g not in self._drawn]
+        if rest:
+            self._draw(ds, rest)
+        order = [name for names in FIGURES.values() for name in names]  # as one round would draw them
+        self.written.sort(key=lambda p: order.index(p.stem) if p.stem in order else len(order))
+        return self.written
+
+    def discard(self) -> None:
+        for path in self.written:
+            path.unlink(missing_ok=True)
+        self.written = []
+
+
+#: Figure groups (xrdmap.maps.FIGURES) that need nothing from the NMF.
+_EARLY_FIGURES = ("iq", "gr", "fractions", "quality")
+
+
+def _write_products(ds: xr.Dataset, config: RunConfig, out_path: Path, log: Log, figures: _Figures):
     report_figures = None
     report = None
     exports: list[Path] = []
+    written: list[Path] = []
     stem = out_path.with_suffix("")
     if config.output.figures:
-        from xrdmap.maps import save_figures
-
-        fig_dir = stem.parent / f"{stem.name}_figures"
-        fig_dir.mkdir(exist_ok=True)
-        # components are drawn with the run's references (user CIFs included)
-        figures = save_figures(ds, fig_dir, formats=tuple(config.output.formats), phases=phases)
+        fig_dir = figures.dir
+        written = figures.draw_rest(ds)
         # the report embeds these files instead of drawing every figure a second time
-        report_figures = [p for p in figures if p.suffix.lower() in (".png", ".svg")] or None
+        report_figures = [p for p in written if p.suffix.lower() in (".png", ".svg")] or None
         if "crystallinity" in ds:
             from xrdmap.results import atomic_output
             from xrdmap.series_plots import plot_series
@@ -834,11 +890,12 @@ def _write_products(ds: xr.Dataset, config: RunConfig, out_path: Path, log: Log,
                 target = fig_dir / f"series.{fmt}"
                 with atomic_output(target) as tmp:
                     fig.savefig(tmp, dpi=120, format=fmt)
-                figures.append(target)
+                figures.written.append(target)
             import matplotlib.pyplot as plt
 
             plt.close(fig)
-        log(f"figures: {fig_dir} ({len(figures)} files)")
+        written = figures.written
+        log(f"figures: {fig_dir} ({len(written)} files)")
     if config.output.report:
         from xrdmap.report import write_report
 
@@ -852,4 +909,4 @@ def _write_products(ds: xr.Dataset, config: RunConfig, out_path: Path, log: Log,
         for kind in config.output.export:
             exports += export_columns(ds, exp_dir, kind=kind)
         log(f"text exports: {exp_dir} ({len(exports)} files)")
-    return figures, report, exports
+    return written, report, exports
