@@ -54,13 +54,15 @@ def test_random_problems_match_scipy(seed):
     _check(a, rng.normal(size=(p, m)))
 
 
-def test_square_triangular_system_as_the_scan_fits_use():
-    # phase_fractions and select_phases pass the R of a QR and Q^T b
+def test_square_system_and_columns_of_very_different_scales():
+    # a square design is solved as it is (no QR reduction); columns are rescaled inside,
+    # and the coefficients come back in the caller's units
     rng = np.random.default_rng(1)
-    design = np.abs(rng.normal(size=(300, 9)))
+    design = np.abs(rng.normal(size=(300, 9))) * np.logspace(-3, 3, 9)
     qmat, rmat = np.linalg.qr(design)
     b = np.abs(rng.normal(size=(40, 9))) @ design.T + 0.05 * rng.normal(size=(40, 300))
     _check(rmat, b @ qmat)
+    _check(design, b)
 
 
 def test_empty_and_mismatched_inputs():

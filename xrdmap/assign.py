@@ -163,10 +163,16 @@ def reference_pattern(phase, x, dim: str = "q", *, stretch: float = 1.0, width: 
         from xrdmap.phases import DEFAULT_FWHM_Q
 
         width = DEFAULT_FWHM_Q
-    kw = {}
-    if dim == "q" and diffuse_window_A:
-        kw = {"bragg_window": float(diffuse_window_A), "bragg_step": float(np.median(np.diff(x)))}
+    kw = _bragg_kwargs(x, diffuse_window_A) if dim == "q" else {}
     return np.array(_simulate(phase, x, dim, float(stretch), float(width), **kw))
+
+
+def _bragg_kwargs(x: np.ndarray, window_A: float | None) -> dict[str, float]:
+    """:func:`_simulate` keywords for references of Bragg parts taken with ``window_A``
+    on the grid ``x`` (none without a window)."""
+    if not window_A:
+        return {}
+    return {"bragg_window": float(window_A), "bragg_step": float(np.median(np.diff(np.asarray(x, dtype=float))))}
 
 
 def _baseline_basis(x: np.ndarray, n_terms: int) -> np.ndarray:
@@ -466,9 +472,8 @@ def assign_components(
     _check_dim(dim)
     sim_kw = dict(gr_kwargs or {}) if dim == "r" else {}
     comps = _components_array(components, dim)
-    if dim == "q" and diffuse_window_A:
-        step = np.diff(np.asarray(comps[dim].values, dtype=float))
-        sim_kw = {"bragg_window": float(diffuse_window_A), "bragg_step": float(np.median(step))}
+    if dim == "q":
+        sim_kw = _bragg_kwargs(comps[dim].values, diffuse_window_A)
     lib = _phases_dict(phases)
     if not 0 < stretch_range < 0.5 or stretch_step <= 0:
         raise ConfigError(f"stretch_range {stretch_range}, stretch_step {stretch_step}: expected 0 < range < 0.5, step > 0")
@@ -926,15 +931,8 @@ def phase_fractions(
     refs = np.asarray(refs, dtype=float)
     bg = _background_design(x, dim, background_terms)
     design = np.concatenate([refs, bg]).T  # (n_x, n_var)
-    norms = np.linalg.norm(design, axis=0)
-    norms = np.where(norms > 0, norms, 1.0)
-    a = design / norms
-    # NNLS on the small triangular system: ||A c - b|| = ||R c - Q^T b|| + const.
-    qmat, rmat = np.linalg.qr(a)
-    rhs = data @ qmat
-    coef = np.zeros((data.shape[0], a.shape[1]))
-    coef[finite] = nnls_rows(rmat, rhs[finite], maxiter=50 * a.shape[1])[0]
-    coef /= norms
+    coef = np.zeros((data.shape[0], design.shape[1]))
+    coef[finite] = nnls_rows(design, data[finite], maxiter=50 * design.shape[1])[0]
     n_p = len(names)
     amount = coef[:, :n_p]
     moles = amount if weight == "mass" else amount / np.array([lib[n].formula_mass for n in names])
@@ -1046,14 +1044,9 @@ def select_phases(
 
     def fit(chosen):
         design = np.concatenate([np.array([refs[n] for n in chosen]).reshape(len(chosen), x.size), bg]).T
-        norms = np.linalg.norm(design, axis=0)
-        norms = np.where(norms > 0, norms, 1.0)
-        qmat, rmat = np.linalg.qr(design / norms)
-        rhs = data @ qmat
-        outside = np.sum(data**2, axis=1) - np.sum(rhs**2, axis=1)
-        coef, rn = nnls_rows(rmat, rhs, maxiter=50 * design.shape[1])
-        total = float(np.sum(rn**2 + np.maximum(outside, 0.0)))
-        amount = coef[:, : len(chosen)] / norms[: len(chosen)]
+        coef, rn = nnls_rows(design, data, maxiter=50 * design.shape[1])
+        total = float(np.sum(rn**2))
+        amount = coef[:, : len(chosen)]
         with np.errstate(invalid="ignore", divide="ignore"):
             frac = amount / amount.sum(axis=1, keepdims=True)
         return total, np.nan_to_num(frac)

@@ -139,15 +139,11 @@ def _nmf(x: np.ndarray, k: int, init: str, seed: int, max_iter: int, tol: float,
 
 
 def _nnls_rows(rows: np.ndarray, basis: np.ndarray) -> np.ndarray:
-    """Non-negative coefficients ``c`` (p, k) with ``rows ~= c @ basis`` row by row.
-
-    ``basis`` is (k, m) with small k: one QR of ``basis.T`` turns each problem into a
-    k x k triangular NNLS (the residual outside the span of the basis is a constant).
-    """
+    """Non-negative coefficients ``c`` (p, k) with ``rows ~= c @ basis`` row by row
+    (:func:`xrdmap._nnls.nnls_rows`; ``basis`` is (k, m) with small k)."""
     from xrdmap._nnls import nnls_rows
 
-    qmat, rmat = np.linalg.qr(basis.T)
-    return nnls_rows(rmat, rows @ qmat, maxiter=100 * basis.shape[0])[0]
+    return nnls_rows(basis.T, rows, maxiter=100 * basis.shape[0])[0]
 
 
 def _solve_components(x: np.ndarray, w: np.ndarray) -> np.ndarray:
