@@ -412,6 +412,7 @@ class _Background:
     def __init__(self, config: RunConfig) -> None:
         self._config = config
         self._value: xr.DataArray | None = None
+        self._frames: xr.DataArray | None = None  # set when the background is integrated
         self._lazy: xr.DataArray | None = None
         self._future: Any = None
         bg = config.background
@@ -428,7 +429,7 @@ class _Background:
         self._frames = _background_frames(path, bg.frames_path, bg.monitor)
 
     def submit(self, client: Any) -> None:
-        if self._lazy is not None or self._value is not None or self._config.background.file is None:
+        if self._frames is None or self._lazy is not None:
             return
         from xrdmap.integrate import integrate_scan
 
@@ -440,9 +441,8 @@ class _Background:
             self._future = client.compute(self._lazy)
 
     def result(self) -> xr.DataArray | None:
-        if self._value is None and self._config.background.file is not None:
-            if self._lazy is None:
-                self.submit(None)
+        if self._frames is not None and self._value is None:
+            self.submit(None)  # nothing if submitted already
             self._value = self._future.result() if self._future is not None else self._lazy.compute(scheduler="sync")
         return self._value
 
@@ -850,7 +850,7 @@ class _Figures:
     def draw_early(self, ds: xr.Dataset) -> None:
         self._draw(ds, list(_EARLY_FIGURES))
 
-    def draw_rest(self, ds: xr.Dataset) -> list[Path]:
+    def draw_rest(self, ds: xr.Dataset) -> None:
         from xrdmap.maps import FIGURES
 
         rest = [g for g in FIGURES if g not in self._drawn]
@@ -858,7 +858,6 @@ class _Figures:
             self._draw(ds, rest)
         order = [name for names in FIGURES.values() for name in names]  # as one round would draw them
         self.written.sort(key=lambda p: order.index(p.stem) if p.stem in order else len(order))
-        return self.written
 
     def discard(self) -> None:
         for path in self.written:
@@ -874,13 +873,12 @@ def _write_products(ds: xr.Dataset, config: RunConfig, out_path: Path, log: Log,
     report_figures = None
     report = None
     exports: list[Path] = []
-    written: list[Path] = []
     stem = out_path.with_suffix("")
     if config.output.figures:
         fig_dir = figures.dir
-        written = figures.draw_rest(ds)
+        figures.draw_rest(ds)
         # the report embeds these files instead of drawing every figure a second time
-        report_figures = [p for p in written if p.suffix.lower() in (".png", ".svg")] or None
+        report_figures = [p for p in figures.written if p.suffix.lower() in (".png", ".svg")] or None
         if "crystallinity" in ds:
             from xrdmap.results import atomic_output
             from xrdmap.series_plots import plot_series
@@ -894,8 +892,7 @@ def _write_products(ds: xr.Dataset, config: RunConfig, out_path: Path, log: Log,
             import matplotlib.pyplot as plt
 
             plt.close(fig)
-        written = figures.written
-        log(f"figures: {fig_dir} ({len(written)} files)")
+        log(f"figures: {fig_dir} ({len(figures.written)} files)")
     if config.output.report:
         from xrdmap.report import write_report
 
@@ -909,4 +906,4 @@ def _write_products(ds: xr.Dataset, config: RunConfig, out_path: Path, log: Log,
         for kind in config.output.export:
             exports += export_columns(ds, exp_dir, kind=kind)
         log(f"text exports: {exp_dir} ({len(exports)} files)")
-    return written, report, exports
+    return list(figures.written), report, exports
