@@ -378,6 +378,53 @@ def test_fq_and_gr_are_a_sine_transform_pair(lib):
     np.testing.assert_allclose(g, g_direct, atol=0.01 * np.abs(g).max())
 
 
+@pytest.mark.parametrize("lorch", [False, True])
+def test_termination_equals_quadrature_of_the_truncated_transform(lorch):
+    # G_t(r) = 2/pi int_qmin^qmax W(Q) F(Q) sin(Qr) dQ, F(Q) = int g(r') sin(Qr') dr',
+    # both integrals by brute-force quadrature (Q step 2e-4 A^-1) on a smooth test G(r):
+    # Gaussian pair peaks minus a density line, tapered to zero at 12 A
+    from xrdmap.phases import _terminate
+
+    dr = 0.01
+    rg = np.arange(0.0, 12.0 + dr / 2, dr)
+    g = sum(a * np.exp(-0.5 * ((rg - c) / 0.08) ** 2) for a, c in ((3.0, 1.9), (1.5, 3.1), (2.0, 5.4), (1.0, 8.8)))
+    g = (g - 0.3 * rg) * np.cos(0.5 * np.pi * np.clip((rg - 9.0) / 3.0, 0.0, 1.0)) ** 2
+    g[0] = 0.0
+    qmin, qmax = 0.6, 17.0
+    q = np.arange(qmin, qmax + 1e-9, 2e-4)
+    fq = np.sin(np.outer(q, rg)) @ g * dr
+    w = np.sinc(q / qmax) if lorch else np.ones_like(q)
+    n_out = 801
+    r = np.arange(n_out) * dr
+    truth = 2.0 / np.pi * np.trapezoid(w * fq * np.sin(np.outer(r, q)), q, axis=1)
+    got = _terminate(g, dr, qmin, qmax, lorch, n_out)
+    np.testing.assert_allclose(got, truth, atol=2e-5 * np.abs(truth).max())
+    # and the termination matters at this size: the test G differs from its terminated form
+    assert np.abs(got - g[:n_out]).max() > 0.05 * np.abs(g).max()
+
+
+def test_merged_pair_table_keeps_every_pair(lib):
+    # merging equal pairs changes no pair weight per (distance, width) and no G(r)
+    from xrdmap.phases import _merged_pairs
+
+    phase = lib["LATP"]
+    table = phase._pairs(12.0)
+    # the same pairs, each split in three and shuffled: merging must restore the table
+    rng = np.random.default_rng(1)
+    d = np.repeat(table.d, 3)
+    u = np.repeat(table.usum, 3)
+    w = np.repeat(table.weight, 3) * np.tile([0.5, 0.3, 0.2], len(table.d))
+    order = rng.permutation(len(d))
+    again = _merged_pairs(table.r_max, d[order], w[order], u[order])
+    assert np.all(np.diff(again.d) >= -1e-9)  # ascending (ties of different widths in any order)
+    np.testing.assert_allclose(again.d, table.d, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(again.usum, table.usum)
+    np.testing.assert_allclose(again.weight, table.weight, rtol=1e-12)
+    np.testing.assert_allclose(again.width_values[again.width_class], np.round(table.usum, 6))
+    # and no two pairs left with the same distance and width
+    assert len(np.unique(np.stack([np.round(table.d, 9), table.usum]), axis=1).T) == len(table.d)
+
+
 def test_debye_route_matches_bragg_route_per_mass(lib):
     # Ni (one element: pair weights exact at every Q). Real-space route: pair sum -> F(Q) ->
     # (N/M)[f^2 + f^2 F/Q], minus the Laue diffuse (N/M) f^2 (1 - exp(-U Q^2)) that the

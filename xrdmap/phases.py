@@ -37,6 +37,7 @@ import numpy as np
 import periodictable
 from diffpy.structure import Atom, Lattice, Structure
 
+from xrdmap import _tablecache
 from xrdmap.composition import form_factor, formula_mass, parse_composition
 from xrdmap.errors import InputError
 
@@ -287,9 +288,34 @@ class _ReflectionTable:
 @dataclasses.dataclass
 class _PairTable:
     r_max: float
-    d: np.ndarray  # pair distances at stretch 1 (A)
+    d: np.ndarray  # pair distances at stretch 1 (A), ascending
     weight: np.ndarray  # w_ij / N per pair (includes site multiplicity)
     usum: np.ndarray  # U_i + U_j (A^2)
+    width_class: np.ndarray  # index of each pair's usum in width_values
+    width_values: np.ndarray  # the distinct usum (rounded to 1e-6 A^2)
+
+
+#: Arrays of the tables as kept by :mod:`xrdmap._tablecache`: name -> (dtype kind, ndim).
+_REFLECTION_FIELDS = {"hkl": ("i", 2), "q0": ("f", 1), "mult": ("i", 1), "partial": ("c", 2)}
+_PAIR_FIELDS = {"d": ("f", 1), "weight": ("f", 1), "usum": ("f", 1), "width_class": ("i", 1),
+                "width_values": ("f", 1)}
+
+
+def _merged_pairs(r_max: float, d: np.ndarray, weight: np.ndarray, usum: np.ndarray) -> _PairTable:
+    """Pair table sorted by distance, pairs of equal distance (to 1e-9 A) and equal
+    ``U_i + U_j`` merged into one of summed weight: symmetry makes most pairs of a cell
+    such duplicates (2-5x fewer pairs), and every G(r) sums the same Gaussians."""
+    d_key = np.round(d, 9)
+    order = np.lexsort((usum, d_key))
+    d, weight, usum, d_key = d[order], weight[order], usum[order], d_key[order]
+    new = np.ones(len(d), dtype=bool)
+    new[1:] = (d_key[1:] != d_key[:-1]) | (usum[1:] != usum[:-1])
+    group = np.cumsum(new) - 1
+    first = np.flatnonzero(new)
+    d, usum = d[first], usum[first]
+    weight = np.bincount(group, weights=weight)
+    values, width_class = np.unique(np.round(usum, 6), return_inverse=True)
+    return _PairTable(r_max, d, weight, usum, width_class.astype(np.intp), values)
 
 
 # ---------------------------------------------------------------------------- Phase
@@ -463,9 +489,26 @@ class Phase:
             # and geometric growth so that requests creeping upwards (grids of growing
             # Q max) rebuild it a few times, not once per request
             grown = 1.25 * table.q_max if table is not None else 0.0
-            table = self._compute_table(float(np.ceil(max(q_max * 1.06, grown))))
+            limit = float(np.ceil(max(q_max * 1.06, grown)))
+            key = self._table_key("reflections", limit)
+            stored = _tablecache.load(key, _REFLECTION_FIELDS, rows=tuple(_REFLECTION_FIELDS))
+            if stored is not None:
+                table = _ReflectionTable(limit, **stored)
+            else:
+                table = self._compute_table(limit)
+                _tablecache.store(key, {f: getattr(table, f) for f in _REFLECTION_FIELDS})
             self._cache["reflections"] = table
         return table
+
+    def _table_key(self, kind: str, limit: float) -> str:
+        """Key of a reflection or pair table in the on-disk cache (:mod:`xrdmap._tablecache`):
+        everything the table is computed from."""
+        atoms = self._arrays()
+        parts = {name: atoms[name] for name in ("xyz", "occ", "uiso", "z", "site", "group", "group_u")}
+        parts["group_element"] = " ".join(atoms["group_element"])
+        parts["lattice"] = np.asarray(self.structure.lattice.base, dtype=float)
+        parts["laue"] = self._laue
+        return _tablecache.digest(kind, limit, parts)
 
     def _compute_table(self, q_max: float) -> _ReflectionTable:
         atoms = self._arrays()
@@ -663,7 +706,14 @@ class Phase:
     def _pairs(self, r_max: float) -> _PairTable:
         table = self._cache.get("pairs")
         if table is None or table.r_max < r_max:
-            table = self._compute_pairs(float(np.ceil(r_max + 1e-9)))
+            limit = float(np.ceil(r_max + 1e-9))
+            key = self._table_key("pairs", limit)
+            stored = _tablecache.load(key, _PAIR_FIELDS, rows=("d", "weight", "usum", "width_class"))
+            if stored is not None:
+                table = _PairTable(limit, **stored)
+            else:
+                table = self._compute_pairs(limit)
+                _tablecache.store(key, {f: getattr(table, f) for f in _PAIR_FIELDS})
             self._cache["pairs"] = table
         return table
 
@@ -701,9 +751,7 @@ class Phase:
             d_all.append(d)
             w_all.append(w)
             u_all.append(atoms["uiso"][i] + atoms["uiso"][j])
-        return _PairTable(
-            r_max, np.concatenate(d_all), np.concatenate(w_all), np.concatenate(u_all)
-        )
+        return _merged_pairs(r_max, np.concatenate(d_all), np.concatenate(w_all), np.concatenate(u_all))
 
     def _g_fine(
         self,
@@ -717,18 +765,21 @@ class Phase:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Untruncated G(r) on a fine grid 0..r_end (A), envelopes applied, smooth end."""
         pairs = self._pairs(_pair_reach(r_end, stretch))
-        d = pairs.d * stretch
-        sel = d < r_end
-        d, w = d[sel], pairs.weight[sel]
-        s2 = np.full(d.shape, 2.0 * u_iso) if u_iso is not None else pairs.usum[sel]
-        if delta2:
-            s2 = s2 * np.clip(1.0 - delta2 / d**2, 0.05, None)
+        n_pairs = int(np.searchsorted(pairs.d, r_end / stretch, side="left"))  # sorted: d < r_end
+        d, w = pairs.d[:n_pairs] * stretch, pairs.weight[:n_pairs]
         # width classes: Gaussian broadening is a product in Fourier space per class
-        if u_iso is not None and not delta2:  # one class: no sort of every pair needed
-            classes, cls = np.round(np.array([2.0 * u_iso]), 6), np.zeros(d.shape, np.intp)
-        else:
+        if delta2:
+            s2 = np.full(d.shape, 2.0 * u_iso) if u_iso is not None else pairs.usum[:n_pairs]
+            s2 = s2 * np.clip(1.0 - delta2 / d**2, 0.05, None)
             classes, cls = np.unique(np.round(s2, 6), return_inverse=True)
-        if len(classes) > 64:  # r-dependent widths (delta2): bins of 1 % in sigma^2
+        elif u_iso is not None:  # one class
+            classes, cls = np.round(np.array([2.0 * u_iso]), 6), np.zeros(d.shape, np.intp)
+        else:  # the CIF's U_i + U_j: classes made once with the table
+            s2 = pairs.usum[:n_pairs]
+            used = pairs.width_class[:n_pairs]
+            present = np.unique(used)
+            classes, cls = pairs.width_values[present], np.searchsorted(present, used)
+        if len(classes) > 64:  # r-dependent widths (delta2), many sites: bins of 1 % in sigma^2
             log_bin = np.round(np.log(s2) / 0.01)
             bins, cls = np.unique(log_bin, return_inverse=True)
             classes = np.exp(bins * 0.01)
@@ -820,14 +871,9 @@ class Phase:
             r_end = max(r_end, float(r.max()) + 1.0)
         dr = min(0.01, np.pi / qmax / 8.0)
         rf, g = self._g_fine(r_end, stretch, u_iso, size_A, qdamp, delta2, dr)
-        qk, fq = _sine_transform(g, dr, q_step=0.005)
-        cut = (qk <= qmax) & (qk >= qmin)
-        fq = np.where(cut, fq, 0.0)
-        if lorch:
-            fq = fq * np.sinc(qk / qmax)
-        gt = _inverse_sine_transform(fq, dr)
-        grid = np.arange(len(gt) + 1) * dr
-        return np.interp(r, grid, np.concatenate(([0.0], gt)))
+        n_out = min(len(g), int(np.ceil(float(r.max()) / dr)) + 2)
+        gt = _terminate(g, dr, float(qmin), qmax, bool(lorch), n_out)
+        return np.interp(r, np.arange(n_out) * dr, gt)
 
     def simulate_fq(
         self,
@@ -972,11 +1018,59 @@ def _sine_transform(g: np.ndarray, dr: float, q_step: float) -> tuple[np.ndarray
     return np.pi * np.arange(1, m) / (m * dr), dst(x, type=1) * dr / 2.0
 
 
-def _inverse_sine_transform(fq: np.ndarray, dr: float) -> np.ndarray:
-    """``G(r_n) = 2/pi int F(Q) sin(Q r_n) dQ`` for n = 1..M-1, inverse of :func:`_sine_transform`."""
-    from scipy.fft import dst
+def _terminate(g: np.ndarray, dr: float, qmin: float, qmax: float, lorch: bool, n_out: int) -> np.ndarray:
+    """G(r) as a Fourier transform over ``qmin <= Q <= qmax`` sees it, on ``r_n = n dr``, n < n_out.
 
-    return dst(fq, type=1) / ((len(fq) + 1) * dr)
+    ``G_t(r) = 2/pi int_qmin^qmax W(Q) F(Q) sin(Qr) dQ`` with ``F(Q) = int G(r') sin(Qr') dr'``
+    and ``W`` 1 or the Lorch function ``sin(pi Q/qmax) / (pi Q/qmax)``. Exchanging the
+    integrals, ``G_t(r) = int G(r') [K(r - r') - K(r + r')] dr'`` with the exact kernel
+    ``K(u) = 1/pi int_qmin^qmax W(Q) cos(Qu) dQ`` (closed forms in :func:`_termination_kernel`),
+    summed over the samples of ``g`` (``g[0]`` at r = 0) as one FFT convolution. Unlike a
+    discrete sine transform pair, the result has no Q sampling error.
+    """
+    from scipy.fft import irfft, rfft
+
+    spectrum, size, centre = _termination_kernel_spectrum(dr, qmin, qmax, lorch, len(g), n_out)
+    conv = irfft(rfft(g, size) * spectrum, size)
+    n = np.arange(n_out)
+    return dr * (conv[centre + n] - conv[centre - n])
+
+
+@functools.lru_cache(maxsize=16)
+def _termination_kernel_spectrum(dr: float, qmin: float, qmax: float, lorch: bool, n_in: int,
+                                 n_out: int) -> tuple[np.ndarray, int, int]:
+    """FFT of :func:`_termination_kernel` on ``u = j dr``, ``|j| <= n_in + n_out``, for
+    :func:`_terminate` (the FFT size is long enough that the outputs needed do not wrap)."""
+    from scipy.fft import next_fast_len, rfft
+
+    centre = n_in + n_out
+    size = next_fast_len(2 * (n_in + n_out) + 1, real=True)
+    kernel = _termination_kernel((np.arange(2 * centre + 1) - centre) * dr, qmin, qmax, lorch)
+    spectrum = rfft(kernel, size)
+    spectrum.setflags(write=False)
+    return spectrum, size, centre
+
+
+def _termination_kernel(u: np.ndarray, qmin: float, qmax: float, lorch: bool) -> np.ndarray:
+    """``K(u) = 1/pi int_qmin^qmax W(Q) cos(Qu) dQ`` (A^-1), W as in :func:`_terminate`.
+
+    Step window: ``(sin(qmax u) - sin(qmin u)) / (pi u)``. Lorch, ``a = pi/qmax``:
+    ``sin(aQ) cos(uQ) = [sin((a+u)Q) + sin((a-u)Q)] / 2``, so
+    ``K = [Si((a+u)Q) + Si((a-u)Q)] / (2 pi a)`` between the limits (Si the sine integral).
+    """
+    u = np.asarray(u, dtype=float)
+    if lorch:
+        from scipy.special import sici
+
+        a = np.pi / qmax
+
+        def antiderivative(q: float) -> np.ndarray:
+            return sici((a + u) * q)[0] + sici((a - u) * q)[0]
+
+        return (antiderivative(qmax) - antiderivative(qmin)) / (2.0 * np.pi * a)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        k = (np.sin(qmax * u) - np.sin(qmin * u)) / (np.pi * u)
+    return np.where(u == 0.0, (qmax - qmin) / np.pi, k)
 
 
 def _sphere_envelope(r: np.ndarray, diameter: float) -> np.ndarray:
