@@ -10,7 +10,7 @@ import pytest
 import xarray as xr
 
 from xrdmap.errors import InputError, OutputError
-from xrdmap.results import atomic_output, open_result, provenance, save_result
+from xrdmap.results import ResultFile, atomic_output, open_result, provenance, save_result
 
 
 @pytest.fixture
@@ -69,6 +69,55 @@ def test_failed_write_keeps_previous_file(tmp_path, result):
     bad["broken"].attrs["note"] = {1, 2}  # a set is not storable: the write fails midway
     with pytest.raises(TypeError):
         save_result(bad, path)
+    xr.testing.assert_identical(open_result(path), result)
+    assert [p.name for p in tmp_path.iterdir()] == ["r.h5"]
+
+
+def _h5_tree(path):
+    """Every object of an HDF5 file with its attributes and data (links resolved)."""
+    out = {}
+
+    def visit(name, obj):
+        attrs = {k: np.asarray(v).tolist() for k, v in obj.attrs.items() if k != "file_time"}
+        data = np.asarray(obj[()]).tolist() if isinstance(obj, h5py.Dataset) else None
+        out[name] = (attrs, data)
+
+    with h5py.File(path, "r") as fh:
+        fh.visititems(visit)
+        out[""] = ({k: np.asarray(v).tolist() for k, v in fh.attrs.items() if k not in ("file_time", "file_name")},
+                   None)
+    return out
+
+
+def test_result_file_in_steps_equals_save_result(tmp_path, result):
+    one = save_result(result, tmp_path / "one.h5")
+    target = tmp_path / "steps.h5"
+    target.write_text("previous")
+    steps = ResultFile(target)
+    steps.write(result, ["iq", "iq_sigma"])
+    assert target.read_text() == "previous"  # nothing at the path until close
+    # the final dataset gains variables, a coordinate and attributes after the first step
+    assert steps.close(result) == target
+    assert _h5_tree(target) == _h5_tree(one)
+    xr.testing.assert_identical(open_result(target), result)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.h5", "steps.h5"]
+
+
+def test_result_file_rewrites_a_variable_changed_after_its_step(tmp_path, result):
+    steps = ResultFile(tmp_path / "r.h5")
+    early = result.assign(iq=result["iq"] * 0.0)
+    early = early.assign_coords(q=early["q"] + 1.0)  # a coordinate changed too
+    steps.write(early, ["iq"])
+    path = steps.close(result)
+    xr.testing.assert_identical(open_result(path), result)
+    assert _h5_tree(path) == _h5_tree(save_result(result, tmp_path / "one.h5"))
+
+
+def test_discarded_result_file_leaves_the_previous_one(tmp_path, result):
+    path = save_result(result, tmp_path / "r.h5")
+    steps = ResultFile(path)
+    steps.write(result.assign(iq=result["iq"] + 1), ["iq"])
+    steps.discard()
     xr.testing.assert_identical(open_result(path), result)
     assert [p.name for p in tmp_path.iterdir()] == ["r.h5"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, timezone
@@ -17,7 +18,7 @@ import xarray as xr
 
 from xrdmap.errors import InputError, OutputError
 
-__all__ = ["atomic_output", "save_result", "open_result", "provenance", "export_columns"]
+__all__ = ["atomic_output", "save_result", "ResultFile", "open_result", "provenance", "export_columns"]
 
 
 @contextlib.contextmanager
@@ -157,70 +158,151 @@ def save_result(ds: xr.Dataset, path: str | Path) -> Path:
     Dask-backed variables are computed here.
 
     Returns the path written. The file at ``path`` is replaced only once the new file
-    is complete.
+    is complete. :class:`ResultFile` writes the same file in steps.
     """
     if not isinstance(ds, xr.Dataset):
         raise InputError(f"save_result expected an xarray.Dataset, got {type(ds).__name__}")
-    target = Path(path)
-    ds = ds.compute()  # one pass over a lazy dataset, not one per variable
-    with atomic_output(target) as tmp, h5py.File(tmp, "w") as fh:
+    result = ResultFile(path)
+    try:
+        return result.close(ds)
+    except BaseException:
+        result.discard()
+        raise
+
+
+class ResultFile:
+    """The file of :func:`save_result`, written in steps.
+
+    :meth:`write` stores some variables (e.g. the patterns, final long before the
+    phase analysis is) while the rest is still being computed; :meth:`close` writes the
+    others, the coordinates and attributes, and moves the file to ``path``;
+    :meth:`discard` removes it. Until :meth:`close` returns, ``path`` keeps its previous
+    content (the file grows beside it under a temporary name). One thread at a time.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._atomic = atomic_output(self.path)
+        tmp = self._atomic.__enter__()
+        try:
+            self._fh = h5py.File(tmp, "w")
+        except BaseException:
+            self._atomic.__exit__(*sys.exc_info())
+            raise
+        fh = self._fh
         fh.attrs["NX_class"] = "NXroot"
         fh.attrs["creator"] = "xrdmap"
-        fh.attrs["file_name"] = target.name
+        fh.attrs["file_name"] = self.path.name
         fh.attrs["file_time"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         fh.attrs["default"] = "entry"
         entry = fh.create_group("entry")
         entry.attrs["NX_class"] = "NXentry"
         entry.create_dataset("definition", data=RESULT_FORMAT)
-        process = fh.create_group(_PROCESS)
-        process.attrs["NX_class"] = "NXprocess"
-        process.create_dataset("program", data="xrdmap")
-        process.create_dataset("version", data=_xrdmap_version())
+        self._process = fh.create_group(_PROCESS)
+        self._process.attrs["NX_class"] = "NXprocess"
+        self._process.create_dataset("program", data="xrdmap")
+        self._process.create_dataset("version", data=_xrdmap_version())
+        self._coords = fh.create_group(_COORDS)
+        self._coords.attrs["NX_class"] = "NXcollection"
+        self._written: dict[str, np.ndarray] = {}  # variable or coordinate -> values stored
+
+    def write(self, ds: xr.Dataset, names: Iterable[str]) -> None:
+        """Store the variables ``names`` of ``ds`` now (with the coordinates they use)."""
+        ds = ds[list(names)].compute()
+        self._write_coords(ds)
+        for name, var in ds.data_vars.items():
+            self._write_variable(str(name), var, ds)
+
+    def close(self, ds: xr.Dataset) -> Path:
+        """Store everything of ``ds`` not stored yet (a variable written earlier with other
+        values is written again), close the file and move it to ``path``; returns ``path``."""
+        ds = ds.compute()  # one pass over a lazy dataset, not one per variable
         for key, value in ds.attrs.items():
-            process.attrs[key] = _attr_out(value)
-        coords = fh.create_group(_COORDS)
-        coords.attrs["NX_class"] = "NXcollection"
+            self._process.attrs[key] = _attr_out(value)
+        self._write_coords(ds)
+        for name, var in ds.data_vars.items():
+            self._write_variable(str(name), var, ds)
+        for name, var in ds.data_vars.items():
+            _link_axes(self._process[str(name)], self._coords, var, ds)
+        default = next((v for v in ("phase_fraction", "iq", "gr") if v in ds.data_vars), None)
+        if default:
+            self._fh["entry"].attrs["default"] = f"process/{default}"
+            self._process.attrs["default"] = default
+        self._fh.close()
+        self._atomic.__exit__(None, None, None)  # the rename
+        return self.path
+
+    def discard(self) -> None:
+        """Close and remove the unfinished file (``path`` keeps its previous content)."""
+        with contextlib.suppress(Exception):
+            self._fh.close()
+        with contextlib.suppress(StopIteration, RuntimeError):
+            self._atomic.__exit__(OutputError, OutputError("discarded"), None)
+
+    def _stored(self, name: str, values: np.ndarray) -> bool:
+        old = self._written.get(name)
+        return old is not None and (old is values or (old.shape == values.shape and old.dtype == values.dtype
+                                                     and np.array_equal(old, values, equal_nan=old.dtype.kind in "fc")))
+
+    def _write_coords(self, ds: xr.Dataset) -> None:
         for name, coord in ds.coords.items():
-            dset = _write_array(coords, str(name), np.asarray(coord.values))
+            key, values = f"coords/{name}", np.asarray(coord.values)
+            if self._stored(key, values):
+                continue
+            if str(name) in self._coords:
+                del self._coords[str(name)]  # changed: written again (links are renewed by close)
+            dset = _write_array(self._coords, str(name), values)
             dset.attrs["xrdmap_dims"] = list(map(str, coord.dims))
             for k, v in coord.attrs.items():
                 dset.attrs[k] = _attr_out(v)
-        for name, var in ds.data_vars.items():
-            _write_nxdata(process, coords, str(name), var, ds)
-        default = next((v for v in ("phase_fraction", "iq", "gr") if v in ds.data_vars), None)
-        if default:
-            entry.attrs["default"] = f"process/{default}"
-            process.attrs["default"] = default
-    return target
+            self._written[key] = values
+
+    def _write_variable(self, name: str, var: xr.DataArray, ds: xr.Dataset) -> None:
+        values = np.asarray(var.values)
+        if self._stored(name, values):
+            return
+        if name in self._process:
+            del self._process[name]
+        group = self._process.create_group(name)
+        group.attrs["NX_class"] = "NXdata"
+        group.attrs["signal"] = "data"
+        dset = _write_array(group, "data", values)
+        dset.attrs["xrdmap_dims"] = list(map(str, var.dims))
+        dset.attrs["long_name"] = str(var.attrs.get("long_name", name))
+        for k, v in var.attrs.items():
+            dset.attrs[k] = _attr_out(v)
+        _link_axes(group, self._coords, var, ds)
+        self._written[name] = values
 
 
-def _write_nxdata(process, coords, name: str, var: xr.DataArray, ds: xr.Dataset) -> None:
-    group = process.create_group(name)
-    group.attrs["NX_class"] = "NXdata"
-    group.attrs["signal"] = "data"
-    values = np.asarray(var.values)
-    dset = _write_array(group, "data", values)
-    dset.attrs["xrdmap_dims"] = list(map(str, var.dims))
-    dset.attrs["long_name"] = str(var.attrs.get("long_name", name))
-    for k, v in var.attrs.items():
-        dset.attrs[k] = _attr_out(v)
+def _link_axes(group, coords, var: xr.DataArray, ds: xr.Dataset) -> None:
+    """``axes`` of an NXdata group, and hard links to the coordinates it is plotted against
+    (and its other numeric coordinates, e.g. time beside position)."""
     axes = []
     for i, dim in enumerate(var.dims):
         axis = _plot_axis(ds, str(dim))
         if axis is None:
             axes.append(".")
             continue
-        group[axis] = coords[axis]  # hard link: stored once
+        _link(group, coords, axis)
         group.attrs[f"{axis}_indices"] = i
         axes.append(axis)
     group.attrs["axes"] = axes if len(axes) != 1 else axes[0]
-    # non-dimension coordinates of this variable (e.g. time beside position), linked too
     for cname, coord in ds.coords.items():
         cname = str(cname)
-        if cname not in group and set(coord.dims) and set(coord.dims) <= set(var.dims):
+        if cname not in axes and set(coord.dims) and set(coord.dims) <= set(var.dims):
             if coords[cname].dtype.kind in "iuf":
-                group[cname] = coords[cname]
+                _link(group, coords, cname)
                 group.attrs[f"{cname}_indices"] = [var.dims.index(d) for d in coord.dims]
+
+
+def _link(group, coords, name: str) -> None:
+    """Hard link ``group/name`` -> ``coords/name`` (stored once), renewed if it points elsewhere."""
+    if name in group:
+        if group[name] == coords[name]:
+            return
+        del group[name]
+    group[name] = coords[name]
 
 
 def _plot_axis(ds: xr.Dataset, dim: str) -> str | None:
