@@ -211,6 +211,62 @@ def test_figures_drawn_early_are_removed_when_the_analysis_fails(small_scan, tmp
     assert {p.stem for p in drawn} >= {"iq_map", "gr_map", "phase_fractions"}
     assert not any(p.exists() for p in drawn)
     assert not out.exists()
+    # the patterns were being saved when it failed: no partial result file is left either
+    assert not list(tmp_path.glob(".result.h5.*"))
+
+
+def test_patterns_are_saved_before_the_analysis_ends(small_scan, tmp_path, monkeypatch):
+    # the result file gets the patterns while the components are still being named, and
+    # then the rest; the file equals the run's dataset
+    import xrdmap.pipeline as pipeline
+    from xrdmap.results import ResultFile, open_result
+
+    out = tmp_path / "result.h5"
+    steps = []
+    write, close = ResultFile.write, ResultFile.close
+    monkeypatch.setattr(ResultFile, "write", lambda self, ds, names: (steps.append(("write", sorted(names))),
+                                                                        write(self, ds, names))[1])
+    monkeypatch.setattr(ResultFile, "close", lambda self, ds: (steps.append(("close",)), close(self, ds))[1])
+    patterns, analyse = pipeline._ResultSaver.write_patterns, pipeline.analyse
+
+    def saving(self, ds):
+        steps.append(("patterns",))
+        patterns(self, ds)
+
+    def analysed(*args, **kwargs):
+        result = analyse(*args, **kwargs)
+        steps.append(("analysed",))
+        return result
+
+    monkeypatch.setattr(pipeline._ResultSaver, "write_patterns", saving)
+    monkeypatch.setattr(pipeline, "analyse", analysed)
+    outputs = run(_config(small_scan, out, output__report=False))
+    kinds = [s[0] for s in steps]
+    assert kinds.index("patterns") < kinds.index("analysed") < kinds.index("close") == len(kinds) - 1
+    assert kinds.count("write") == 1
+    written = steps[kinds.index("write")][1]
+    assert {"iq", "iq_sigma", "gr", "fq", "sq"} <= set(written) and "phase_fraction" not in written
+    back = open_result(out)
+    for name in outputs.dataset.data_vars:
+        np.testing.assert_array_equal(back[name].values, outputs.dataset[name].values)
+    assert not list(tmp_path.glob(".result.h5.*"))
+
+
+def test_a_failed_save_removes_the_figures(small_scan, tmp_path, monkeypatch):
+    from xrdmap.errors import OutputError
+    from xrdmap.results import ResultFile
+
+    out = tmp_path / "result.h5"
+
+    def full_disk(self, ds):
+        raise OutputError("output 'result.h5' could not be written: No space left on device")
+
+    monkeypatch.setattr(ResultFile, "close", full_disk)
+    with pytest.raises(OutputError, match="No space left"):
+        run(_config(small_scan, out))
+    assert not out.exists() and not list(tmp_path.glob(".result.h5.*"))
+    assert not list((tmp_path / "result_figures").glob("*.png"))
+    assert not (tmp_path / "result_report.html").exists()
 
 
 def test_run_draws_every_figure_once_in_the_usual_order(small_scan, tmp_path):

@@ -1170,14 +1170,18 @@ def make_figures(ds: xr.Dataset, what: str | Iterable[str] = "all", *,
     Parameters
     ----------
     what
-        ``"all"`` or one or more of ``iq, gr, weights, components, fractions, quality``.
+        ``"all"`` or one or more of the groups ``iq, gr, weights, components, fractions,
+        quality`` and the figure names of :data:`FIGURES` (e.g. ``weights_q``).
     phases
         Reference phases drawn with the components (:func:`plot_components`).
     """
-    groups = list(FIGURES) if what == "all" else ([what] if isinstance(what, str) else list(what))
-    unknown = [g for g in groups if g not in FIGURES]
+    selection = list(FIGURES) if what == "all" else ([what] if isinstance(what, str) else list(what))
+    names_of = {name: (name,) for names in FIGURES.values() for name in names}
+    unknown = [g for g in selection if g not in FIGURES and g not in names_of]
     if unknown:
-        raise ConfigError(f"figure selection {unknown}: expected 'all' or any of {', '.join(FIGURES)}")
+        raise ConfigError(f"figure selection {unknown}: expected 'all' or any of {', '.join(FIGURES)} "
+                          f"or of the figure names {', '.join(names_of)}")
+    wanted = {name for g in selection for name in FIGURES.get(g, names_of.get(g, ()))}
     bounds = zone_boundaries(ds)
     makers = {
         "iq_map": ("iq", lambda: plot_iq_map(ds, boundaries=bounds)),
@@ -1192,17 +1196,16 @@ def make_figures(ds: xr.Dataset, what: str | Iterable[str] = "all", *,
         "quality": (None, lambda: plot_quality(ds, boundaries=bounds)),
     }
     figures: dict[str, Figure] = {}
-    for group in groups:
-        for name in FIGURES[group]:
-            needs, make = makers[name]
-            if name == "overview" and "phase_fraction" not in ds:
+    for name in (n for names in FIGURES.values() for n in names if n in wanted):  # FIGURES order
+        needs, make = makers[name]
+        if name == "overview" and "phase_fraction" not in ds:
+            continue
+        if name == "quality":
+            if not any(n in ds for n in ("coherence_length", "residual", "low_r_ripple")):
                 continue
-            if name == "quality":
-                if not any(n in ds for n in ("coherence_length", "residual", "low_r_ripple")):
-                    continue
-            elif needs not in ds:
-                continue
-            figures[name] = make()
+        elif needs not in ds:
+            continue
+        figures[name] = make()
     return figures
 
 

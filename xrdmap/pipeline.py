@@ -90,6 +90,7 @@ def _run_stages(config: RunConfig, scan: xr.DataArray, out_path: Path, warm: _Wa
     cluster = contextlib.ExitStack()
     closing: threading.Thread | None = None
     figures: _Figures | None = None
+    result: _ResultSaver | None = None
     try:
         client = cluster.enter_context(dask_client(
             workers=c.workers, threads_per_worker=c.threads_per_worker, scheduler=c.scheduler,
@@ -116,35 +117,46 @@ def _run_stages(config: RunConfig, scan: xr.DataArray, out_path: Path, warm: _Wa
         ds = bin_points(ds, config.scan.time_bin, config.scan.time_window)
         phases = warm.result()
         figures = _Figures(config, out_path, phases)
-        # the figures of I(Q), G(r) and the fractions are drawn while the NMF components
-        # are named (this thread would only wait there)
-        ds = analyse(ds, config, background=background_iq, log=log, phases=phases,
-                     on_fractions=figures.draw_early if config.output.figures else None)
+        result = _ResultSaver(out_path)
+        # The patterns go into the result file (a helper thread: HDF5's compression runs
+        # without the GIL) as soon as the PDF exists, and the figures of I(Q), G(r), the
+        # fractions and each decomposition are drawn as soon as their data exist, while
+        # the NMF components are named (this thread would only wait there).
+        draw = config.output.figures
+        ds = analyse(ds, config, background=background_iq, log=log, phases=phases, on_pdf=result.write_patterns,
+                     on_fractions=figures.draw_early if draw else None,
+                     on_components=figures.draw_components if draw else None)
     except BaseException:
         if closing is None:
             cluster.__exit__(*sys.exc_info())
         if figures is not None:
             figures.discard()  # no figures without the result they belong to
+        if result is not None:
+            result.discard()
         raise
     finally:
         if closing is not None:
             closing.join()
     ds.attrs.update(_provenance(config, checksums))
 
-    from xrdmap.results import save_result
-
-    # The result file is written by a second thread while this one draws the figures:
-    # HDF5's compression runs without the GIL (~1.3 s for 500 points, beside the
-    # figures, instead of after them).
-    saving = _InThread(save_result, ds, out_path, name="xrdmap-save-result")
+    # The rest of the result file is written by a second thread while this one draws the
+    # remaining figures.
+    result.finish(ds)
     try:
         outputs = RunOutputs(result=out_path, dataset=ds)
         outputs.figures, outputs.report, outputs.exports = _write_products(ds, config, out_path, log, figures)
     except BaseException:
         figures.discard()
+        result.discard()
         raise
-    finally:
-        saving.result()  # waits; raises the save's error, if any
+    try:
+        result.result()  # waits; raises the save's error, if any
+    except BaseException:
+        figures.discard()  # nothing that belongs to a result file that was not written
+        for path in (outputs.report, *outputs.exports):
+            if path is not None:
+                path.unlink(missing_ok=True)
+        raise
     log(f"result: {out_path}")
     if not config.output.keep_checkpoints:
         shutil.rmtree(_checkpoint_dir(out_path), ignore_errors=True)
@@ -172,6 +184,48 @@ class _InThread:
         if self._error is not None:
             raise self._error
         return self._value
+
+
+class _ResultSaver:
+    """The run's result file (:class:`xrdmap.results.ResultFile`), written by helper
+    threads: the patterns as soon as the PDF exists (:meth:`write_patterns`), the rest
+    once the analysis is done (:meth:`finish`). :meth:`result` waits for both and raises
+    their error; :meth:`discard` removes the unfinished file."""
+
+    def __init__(self, path: Path) -> None:
+        from xrdmap.results import ResultFile
+
+        self._file = ResultFile(path)
+        self._patterns: _InThread | None = None
+        self._rest: _InThread | None = None
+
+    def write_patterns(self, ds: xr.Dataset) -> None:
+        self._patterns = _InThread(self._file.write, ds, list(ds.data_vars), name="xrdmap-save-patterns")
+
+    def finish(self, ds: xr.Dataset) -> None:
+        self._rest = _InThread(self._close, ds, name="xrdmap-save-result")
+
+    def _close(self, ds: xr.Dataset) -> None:
+        if self._patterns is not None:
+            self._patterns.result()
+        self._file.close(ds)
+
+    def result(self) -> None:
+        try:
+            for job in (self._patterns, self._rest):
+                if job is not None:
+                    job.result()
+        except BaseException:
+            self._file.discard()
+            raise
+
+    def discard(self) -> None:
+        """Wait for the helper threads (their errors no longer matter), then remove the file."""
+        for job in (self._patterns, self._rest):
+            if job is not None:
+                with contextlib.suppress(BaseException):
+                    job.result()
+        self._file.discard()
 
 
 def _close_quietly(cluster: contextlib.ExitStack, log: Log) -> None:
@@ -558,14 +612,18 @@ def analyse(
     background: xr.DataArray | None = None,
     log: Log = _quiet,
     phases: dict[str, Any] | None = None,
+    on_pdf: Callable[[xr.Dataset], None] | None = None,
     on_fractions: Callable[[xr.Dataset], None] | None = None,
+    on_components: Callable[[str, xr.Dataset], None] | None = None,
 ) -> xr.Dataset:
     """Background, PDF, NMF, phase assignment and phase fractions on integrated data.
 
     ``phases``: the reference phases (default: the library ``config`` names).
-    ``on_fractions``: called in this thread with the data, its PDF and the phase
-    fractions as soon as those exist, while the NMF components are still being named
-    in helper threads (e.g. to draw the figures that need nothing else).
+    The callbacks run in this thread while the helper threads go on with the rest, each
+    with a dataset of what exists then (e.g. to save or draw it early):
+    ``on_pdf`` with the background-subtracted data and its PDF; ``on_fractions`` with
+    those and the phase fractions; ``on_components(dim, ds)`` with those and the named
+    NMF components in ``dim`` ("q", then "r").
     """
 
     if background is not None:
@@ -583,6 +641,30 @@ def analyse(
 
     if phases is None:
         phases = _phase_library(config)
+    with _short_gil_turns():
+        return _analyse(ds, config, log, phases, on_pdf, on_fractions, on_components)
+
+
+@contextlib.contextmanager
+def _short_gil_turns(interval_s: float = 0.0005):
+    """Let threads take turns with the GIL every ``interval_s`` (Python's default: 5 ms).
+
+    The analysis threads run NMF, FFTs and NNLS: short stretches of compiled code without
+    the GIL between a few Python lines that need it. Beside a thread running mostly
+    Python (drawing figures, assembling datasets), such a thread waits up to a whole
+    switch interval for the GIL after each stretch, and sits idle most of the time.
+    """
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(min(old, interval_s))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(old)
+
+
+def _analyse(ds: xr.Dataset, config: RunConfig, log: Log, phases: dict[str, Any],
+             on_pdf: Callable[[xr.Dataset], None] | None, on_fractions: Callable[[xr.Dataset], None] | None,
+             on_components: Callable[[str, xr.Dataset], None] | None) -> xr.Dataset:
     decomp: dict[str, xr.Dataset] = {}
     d = config.decompose
     qmax_data = float(ds["q"].max())
@@ -601,19 +683,26 @@ def analyse(
         if config.pdf.enabled:
             ds = ds.merge(_pdf(ds, config))
             log(f"pdf: G(r) for {ds.sizes['point']} points, composition {config.pdf.composition}")
+        if on_pdf is not None:
+            on_pdf(ds)
         if d.r_ranges and "gr" in ds:
             nmf["r"] = pool.submit(_decompose, ds["gr"], "r", d.r_ranges, d)
         wanted = list(nmf)
         named = {dim: pool.submit(_assign_when_ready, nmf[dim], phases, dim, joint_fit, config, qmax_data)
                  for dim in wanted}
-        if on_fractions is not None:
-            on_fractions(ds.merge(joint_fit.result(), compat="no_conflicts", join="outer"))
+        if on_fractions is not None or on_components is not None:
+            with_fractions = ds.merge(joint_fit.result(), compat="no_conflicts", join="outer")
+            if on_fractions is not None:
+                on_fractions(with_fractions)
         for dim in wanted:
             res = named[dim].result()
             decomp[dim] = res
             ds.attrs.update(res.attrs)  # nmf_{dim}_n_components, _criterion, _x_ranges, ...
             names = ", ".join(str(v) for v in res[f"{dim}_component_phase"].values)
             log(f"nmf in {dim}: {res.sizes['component']} components -> {names}")
+            if on_components is not None:
+                on_components(dim, with_fractions.merge(_combine_components({dim: res}), compat="override",
+                                                        combine_attrs="override"))
         fractions = joint_fit.result()
     ds = ds.merge(_combine_components(decomp), compat="override", combine_attrs="override")
 
@@ -827,9 +916,10 @@ def _provenance(config: RunConfig, checksums: InputChecksums) -> dict[str, Any]:
 
 
 class _Figures:
-    """The run's figures, in ``<output stem>_figures/``, drawn in two rounds: those that
-    need only I(Q), G(r) and the phase fractions (:data:`_EARLY_FIGURES`) as soon as
-    these exist (:meth:`draw_early`), the rest with the whole result (:meth:`draw_rest`).
+    """The run's figures, in ``<output stem>_figures/``, drawn in rounds as their data
+    appear: those that need only I(Q), G(r) and the phase fractions (:data:`_EARLY_FIGURES`,
+    :meth:`draw_early`), those of each decomposition once its components are named
+    (:meth:`draw_components`), the rest with the whole result (:meth:`draw_rest`).
     Components are drawn with the run's references (user CIFs included)."""
 
     def __init__(self, config: RunConfig, out_path: Path, phases: Any) -> None:
@@ -840,23 +930,29 @@ class _Figures:
         self.written: list[Path] = []
         self._drawn: set[str] = set()
 
-    def _draw(self, ds: xr.Dataset, groups: list[str]) -> None:
+    def _draw(self, ds: xr.Dataset, names: list[str]) -> None:
         from xrdmap.maps import save_figures
 
         self.dir.mkdir(exist_ok=True)
-        self.written += save_figures(ds, self.dir, formats=self._formats, what=groups, phases=self._phases)
-        self._drawn.update(groups)
+        self.written += save_figures(ds, self.dir, formats=self._formats, what=names, phases=self._phases)
+        self._drawn.update(names)  # a figure without data in ds is not drawn later either
 
     def draw_early(self, ds: xr.Dataset) -> None:
-        self._draw(ds, list(_EARLY_FIGURES))
+        from xrdmap.maps import FIGURES
+
+        self._draw(ds, [name for group in _EARLY_FIGURES for name in FIGURES[group]])
+
+    def draw_components(self, dim: str, ds: xr.Dataset) -> None:
+        """The figures of the decomposition in ``dim`` (its weights and components)."""
+        self._draw(ds, [f"weights_{dim}", f"components_{dim}"])
 
     def draw_rest(self, ds: xr.Dataset) -> None:
         from xrdmap.maps import FIGURES
 
-        rest = [g for g in FIGURES if g not in self._drawn]
+        order = [name for names in FIGURES.values() for name in names]  # as one round would draw them
+        rest = [name for name in order if name not in self._drawn]
         if rest:
             self._draw(ds, rest)
-        order = [name for names in FIGURES.values() for name in names]  # as one round would draw them
         self.written.sort(key=lambda p: order.index(p.stem) if p.stem in order else len(order))
 
     def discard(self) -> None:
