@@ -328,7 +328,8 @@ STAGES = (
     ("xrdmap.assign", "assign_components", "assign_components (q and r)"),
     ("xrdmap.assign", "phase_fractions", "phase_fractions"),
     ("xrdmap.pipeline", "_provenance", "provenance (input checksums)"),
-    ("xrdmap.results", "save_result", "save result"),
+    ("xrdmap.results", "ResultFile.write", "save result: patterns"),
+    ("xrdmap.results", "ResultFile.close", "save result: the rest"),
     ("xrdmap.maps", "save_figures", "figures"),
     ("xrdmap.report", "write_report", "report"),
 )
