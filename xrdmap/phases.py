@@ -559,9 +559,11 @@ class Phase:
         """|F|^2 (electrons^2) at the (stretched) Q of each reflection."""
         atoms = self._arrays()
         amp = np.zeros(len(q), dtype=complex)
+        form_factors = _FormFactors(q)
+        common = np.exp(-0.5 * u_iso * q * q) if u_iso is not None else None
         for g, el in enumerate(atoms["group_element"]):
-            u = atoms["group_u"][g] if u_iso is None else u_iso
-            amp += partial[:, g] * (_cached_form_factor(el, q) * np.exp(-0.5 * u * q * q))
+            debye_waller = common if common is not None else np.exp(-0.5 * atoms["group_u"][g] * q * q)
+            amp += partial[:, g] * (form_factors(el) * debye_waller)
         return amp.real**2 + amp.imag**2
 
     def prepare(self, q_max: float | None = None, r_max: float | None = None, *,
@@ -994,15 +996,21 @@ def _pseudo_voigt_sum(
     hist = np.bincount(lo, weights=areas * (1 - frac), minlength=n)
     hist += np.bincount(lo + 1, weights=areas * frac, minlength=n)
     hist = hist[:n]
-    nu = np.fft.rfftfreq(n, d=dq)
-    sigma = fwhm / (2.0 * np.sqrt(2.0 * np.log(2.0)))
-    kernel = eta * np.exp(-np.pi * fwhm * nu) + (1 - eta) * np.exp(
-        -2.0 * np.pi**2 * sigma**2 * nu**2
-    )
     # circular convolution: what leaks below Q = 0 wraps into the padding, not onto the data
-    profile = np.fft.irfft(np.fft.rfft(hist) * kernel, n=n) / dq
+    profile = np.fft.irfft(np.fft.rfft(hist) * _pseudo_voigt_kernel(n, dq, fwhm, eta), n=n) / dq
     grid = np.arange(n_data) * dq
     return np.maximum(np.interp(q, grid, profile[:n_data]), 0.0)
+
+
+@functools.lru_cache(maxsize=64)
+def _pseudo_voigt_kernel(n: int, dq: float, fwhm: float, eta: float) -> np.ndarray:
+    """Fourier transform of a unit-area pseudo-Voigt on the ``rfft`` frequencies of ``n``
+    samples ``dq`` apart (fits ask for the same peak width many times)."""
+    nu = np.fft.rfftfreq(n, d=dq)
+    sigma = fwhm / (2.0 * np.sqrt(2.0 * np.log(2.0)))
+    kernel = eta * np.exp(-np.pi * fwhm * nu) + (1 - eta) * np.exp(-2.0 * np.pi**2 * sigma**2 * nu**2)
+    kernel.setflags(write=False)
+    return kernel
 
 
 def _sine_transform(g: np.ndarray, dr: float, q_step: float) -> tuple[np.ndarray, np.ndarray]:
@@ -1089,17 +1097,21 @@ def _form_factor_table(element: str, q_end: float) -> np.ndarray:
     return form_factor(element, np.arange(0.0, q_end + 2 * _FF_STEP, _FF_STEP))
 
 
-@functools.cache
-def _form_factor_grid(size: int) -> np.ndarray:
-    """Q (A^-1) of the ``size`` entries of a form-factor table (made once, not per call)."""
-    return np.arange(size) * _FF_STEP
+class _FormFactors:
+    """Waasmaier-Kirfel f0 (xrdmap.composition.form_factor) of any element at the Q values
+    ``q`` (A^-1, >= 0), linearly interpolated in a table made once per element (step
+    :data:`_FF_STEP`); the interpolation weights, shared by all elements, are made once."""
 
+    def __init__(self, q: np.ndarray) -> None:
+        self._q_end = max(64.0, float(2 ** np.ceil(np.log2(max(float(np.max(q, initial=0.0)), 1.0)))))
+        t = np.asarray(q, dtype=float) / _FF_STEP
+        self._index = t.astype(np.intp)  # floor: q >= 0
+        self._frac = t - self._index
 
-def _cached_form_factor(element: str, q: np.ndarray) -> np.ndarray:
-    """Waasmaier-Kirfel f0 (xrdmap.composition.form_factor) tabulated once per element."""
-    q_end = max(64.0, float(2 ** np.ceil(np.log2(max(float(np.max(q, initial=0.0)), 1.0)))))
-    table = _form_factor_table(element, q_end)
-    return np.interp(q, _form_factor_grid(len(table)), table)
+    def __call__(self, element: str) -> np.ndarray:
+        table = _form_factor_table(element, self._q_end)
+        lo = table[self._index]
+        return lo + self._frac * (table[self._index + 1] - lo)
 
 
 def _moments(composition: Mapping[str, float], q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
