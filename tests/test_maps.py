@@ -462,3 +462,21 @@ def test_plot_cli_errors(result, tmp_path):
     missing = subprocess.run([sys.executable, "-m", "xrdmap", "plot", str(tmp_path / "nope.h5")],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "nope.h5" in missing.stderr
+
+
+def test_wide_heatmaps_average_neighbouring_columns():
+    # 3001 even Q columns drawn as 1500 averages of 2 (the last column dropped): centres
+    # and values are the pairs' means, a NaN makes its pair NaN (grey, as before)
+    from xrdmap.maps import _bin_columns
+
+    x = 0.5 + 0.01 * np.arange(3001)
+    z = np.vstack([np.sin(x), x**2])
+    z[1, 10] = np.nan
+    xb, zb = _bin_columns(x, z, 1600)
+    assert xb.shape == (1500,) and zb.shape == (2, 1500)
+    np.testing.assert_allclose(xb, (x[0:3000:2] + x[1:3000:2]) / 2)
+    np.testing.assert_allclose(zb[0], (np.sin(x[0:3000:2]) + np.sin(x[1:3000:2])) / 2)
+    assert np.isnan(zb[1, 5]) and np.isfinite(np.delete(zb[1], 5)).all()
+    np.testing.assert_allclose(np.diff(xb), 0.02)  # still an even grid
+    same_x, same_z = _bin_columns(x[:1600], z[:, :1600], 1600)
+    assert same_z.shape == (2, 1600)

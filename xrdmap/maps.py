@@ -292,10 +292,28 @@ def _mesh(ax, x: np.ndarray, y: np.ndarray, z: np.ndarray, **kw):
     picture (its cells are equal where the grid is even).
     """
     if _uniform(x) and _uniform(y):
+        x, z = _bin_columns(x, z, _IMAGE_MAX_COLUMNS)
         dx, dy = x[1] - x[0], y[1] - y[0]
         extent = (x[0] - dx / 2, x[-1] + dx / 2, y[0] - dy / 2, y[-1] + dy / 2)
         return ax.imshow(z, extent=extent, origin="lower", aspect="auto", interpolation="antialiased", **kw)
     return ax.pcolormesh(x, y, z, shading="nearest", rasterized=True, **kw)
+
+
+#: Columns of a heatmap image beyond which neighbours are averaged before drawing: about
+#: twice the pixels of a 7-inch axes at 150 dpi (matplotlib averages them on screen anyway,
+#: after colouring every value).
+_IMAGE_MAX_COLUMNS = 1600
+
+
+def _bin_columns(x: np.ndarray, z: np.ndarray, max_columns: int) -> tuple[np.ndarray, np.ndarray]:
+    """``z`` (rows, len(x)) with groups of ``f`` neighbouring columns averaged (f the
+    smallest factor leaving at most ``max_columns``; a NaN makes its group NaN); the
+    last ``len(x) % f`` columns are dropped. ``x`` evenly spaced; returns the new centres."""
+    f = -(-len(x) // max_columns)
+    if f <= 1:
+        return x, z
+    n = len(x) // f
+    return x[: n * f].reshape(n, f).mean(axis=1), z[:, : n * f].reshape(z.shape[0], n, f).mean(axis=2)
 
 
 def _heatmap(ds: xr.Dataset, da: xr.DataArray, xdim: str, xlabel: str, *, norm, cmap: str,
@@ -1231,7 +1249,8 @@ def save_figures(ds: xr.Dataset, outdir: str | Path, formats: Sequence[str] = ("
         for fmt in formats:
             path = out / f"{name}.{fmt}"
             with atomic_output(path) as tmp:
-                fig.savefig(tmp, format=fmt, dpi=dpi, metadata=_metadata(ds, fmt))
+                fig.savefig(tmp, format=fmt, dpi=dpi, metadata=_metadata(ds, fmt),
+                            **({"pil_kwargs": {"compress_level": 1}} if fmt == "png" else {}))
             written.append(path)
     return written
 
