@@ -325,3 +325,24 @@ def test_a_checkpoint_half_saved_by_a_killed_run_is_removed(small_scan, tmp_path
     assert not half.exists()
     assert (ckpt / "chunk_000003.npz").is_file()
     assert ds.sizes["point"] == 12
+
+
+@pytest.mark.slow
+def test_cli_run_with_worker_processes_ends_quietly(small_scan, tmp_path):
+    # the cluster closes in a thread of its own beside the analysis: its client must close
+    # there too (not through the calling thread's context) and give back what it holds
+    # before the workers go, so distributed logs nothing and xrdmap warns of nothing
+    import json
+
+    import yaml
+
+    out = tmp_path / "result.h5"
+    cfg = _config(small_scan, out, compute__workers=2, output__report=False, output__figures=False)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
+    proc = subprocess.run([sys.executable, "-m", "xrdmap", "run", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout + proc.stderr
+    for noise in ("did not shut down", "WARNING", "ERROR", "Traceback"):
+        assert noise not in text, text
+    assert out.is_file()

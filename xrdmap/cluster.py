@@ -93,7 +93,7 @@ def _open_client(
 
         with SLURMCluster(**(slurm or {})) as slurm_cluster:
             slurm_cluster.scale(jobs=jobs)
-            with Client(slurm_cluster) as client:
+            with _closing(Client(slurm_cluster)) as client:
                 yield client
         return
     if cluster != "local":
@@ -123,7 +123,21 @@ def _open_client(
             processes=True,
             memory_limit=memory_limit,
             dashboard_address=":0",
-        ) as local, Client(local) as client:
+        ) as local, _closing(Client(local)) as client:
             yield client
     finally:
         os.environ.update(lifted)
+
+
+@contextlib.contextmanager
+def _closing(client: Any) -> Iterator[Any]:
+    """``client``, closed on exit (before its cluster: it gives back every result it holds).
+
+    Not ``with Client(...)``: that also makes it the context's current client, which only
+    the thread that entered it can undo, and the pipeline closes the cluster in a thread
+    of its own (distributed then raised in ``Client.__exit__`` and left the client open).
+    """
+    try:
+        yield client
+    finally:
+        client.close()
