@@ -346,3 +346,25 @@ def test_cli_run_with_worker_processes_ends_quietly(small_scan, tmp_path):
     for noise in ("did not shut down", "WARNING", "ERROR", "Traceback"):
         assert noise not in text, text
     assert out.is_file()
+
+
+def test_lower_priority_applies_to_the_calling_thread_only():
+    import os
+    import threading
+
+    from xrdmap.pipeline import _lower_priority
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("threads have their own priority on Linux only")
+    seen = {}
+
+    def helper():
+        _lower_priority(7)
+        seen["helper"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    t = threading.Thread(target=helper)
+    t.start()
+    t.join()
+    assert seen["helper"] == max(7, before)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before  # this thread unchanged

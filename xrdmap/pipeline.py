@@ -245,11 +245,13 @@ def _lowest_priority() -> None:
 
 
 def _lower_priority(nice: int) -> None:
-    """Lower the calling thread's CPU priority to ``nice`` (Linux schedules threads one by
-    one), where the system allows it."""
+    """Lower the calling thread's CPU priority to ``nice`` on Linux, which schedules
+    threads one by one (elsewhere the id of a thread is no process id: nothing is done)."""
+    if not sys.platform.startswith("linux"):
+        return
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-    except (AttributeError, OSError):  # not Linux, or not allowed: normal priority
+    except OSError:  # not allowed: normal priority
         pass
 
 
