@@ -209,14 +209,31 @@ class ResultFile:
     def write(self, ds: xr.Dataset, names: Iterable[str]) -> None:
         """Store the variables ``names`` of ``ds`` now (with the coordinates they use)."""
         ds = ds[list(names)].compute()
-        self._write_coords(ds)
-        for name, var in ds.data_vars.items():
-            self._write_variable(str(name), var, ds)
+        with self._output_errors():
+            self._write_coords(ds)
+            for name, var in ds.data_vars.items():
+                self._write_variable(str(name), var, ds)
 
     def close(self, ds: xr.Dataset) -> Path:
         """Store everything of ``ds`` not stored yet (a variable written earlier with other
         values is written again), close the file and move it to ``path``; returns ``path``."""
         ds = ds.compute()  # one pass over a lazy dataset, not one per variable
+        with self._output_errors():
+            self._close(ds)
+        self._atomic.__exit__(None, None, None)  # the rename
+        return self.path
+
+    @contextlib.contextmanager
+    def _output_errors(self) -> Iterator[None]:
+        """An OSError while writing (disk full, ...) as an OutputError naming ``path``."""
+        try:
+            yield
+        except OutputError:
+            raise
+        except OSError as exc:
+            raise OutputError(f"output {str(self.path)!r} could not be written: {exc.strerror or exc}") from exc
+
+    def _close(self, ds: xr.Dataset) -> None:
         for key, value in ds.attrs.items():
             self._process.attrs[key] = _attr_out(value)
         self._write_coords(ds)
@@ -229,8 +246,6 @@ class ResultFile:
             self._fh["entry"].attrs["default"] = f"process/{default}"
             self._process.attrs["default"] = default
         self._fh.close()
-        self._atomic.__exit__(None, None, None)  # the rename
-        return self.path
 
     def discard(self) -> None:
         """Close and remove the unfinished file (``path`` keeps its previous content)."""
