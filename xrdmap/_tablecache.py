@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -95,20 +94,15 @@ def store(key: str, arrays: Mapping[str, np.ndarray]) -> None:
     folder = cache_dir()
     if folder is None:
         return
-    tmp = None
+    from xrdmap.results import atomic_output
+
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".partial", dir=folder)
-        with os.fdopen(fd, "wb") as fh:
+        with atomic_output(folder / f"{key}.npz") as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
-        os.replace(tmp, folder / f"{key}.npz")
-        tmp = None
         _prune(folder)
-    except OSError as exc:
+    except OSError as exc:  # OutputError included: atomic_output removed the partial file
         _log.debug("table cache: not written to %s (%s)", folder, exc)
-    finally:
-        if tmp is not None:
-            _discard(Path(tmp))
 
 
 def _prune(folder: Path, max_bytes: int | None = None) -> None:
