@@ -30,8 +30,9 @@ import re
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import periodictable
@@ -490,25 +491,27 @@ class Phase:
             # Q max) rebuild it a few times, not once per request
             grown = 1.25 * table.q_max if table is not None else 0.0
             limit = float(np.ceil(max(q_max * 1.06, grown)))
-            key = self._table_key("reflections", limit)
-            stored = _tablecache.load(key, _REFLECTION_FIELDS, rows=tuple(_REFLECTION_FIELDS))
-            if stored is not None:
-                table = _ReflectionTable(limit, **stored)
-            else:
-                table = self._compute_table(limit)
-                _tablecache.store(key, {f: getattr(table, f) for f in _REFLECTION_FIELDS})
+            table = self._stored_or_computed("reflections", limit, _ReflectionTable, _REFLECTION_FIELDS,
+                                             tuple(_REFLECTION_FIELDS), self._compute_table)
             self._cache["reflections"] = table
         return table
 
-    def _table_key(self, kind: str, limit: float) -> str:
-        """Key of a reflection or pair table in the on-disk cache (:mod:`xrdmap._tablecache`):
-        everything the table is computed from."""
+    def _stored_or_computed(self, kind: str, limit: float, table_type: type, fields: dict, rows: tuple,
+                            compute: Callable[[float], Any]) -> Any:
+        """The ``kind`` table to ``limit`` from the on-disk cache (:mod:`xrdmap._tablecache`),
+        or computed and kept there; its key is a digest of everything it is computed from."""
         atoms = self._arrays()
         parts = {name: atoms[name] for name in ("xyz", "occ", "uiso", "z", "site", "group", "group_u")}
         parts["group_element"] = " ".join(atoms["group_element"])
         parts["lattice"] = np.asarray(self.structure.lattice.base, dtype=float)
         parts["laue"] = self._laue
-        return _tablecache.digest(kind, limit, parts)
+        key = _tablecache.digest(kind, limit, parts)
+        stored = _tablecache.load(key, fields, rows=rows)
+        if stored is not None:
+            return table_type(limit, **stored)
+        table = compute(limit)
+        _tablecache.store(key, {f: getattr(table, f) for f in fields})
+        return table
 
     def _compute_table(self, q_max: float) -> _ReflectionTable:
         atoms = self._arrays()
@@ -708,14 +711,8 @@ class Phase:
     def _pairs(self, r_max: float) -> _PairTable:
         table = self._cache.get("pairs")
         if table is None or table.r_max < r_max:
-            limit = float(np.ceil(r_max + 1e-9))
-            key = self._table_key("pairs", limit)
-            stored = _tablecache.load(key, _PAIR_FIELDS, rows=("d", "weight", "usum", "width_class"))
-            if stored is not None:
-                table = _PairTable(limit, **stored)
-            else:
-                table = self._compute_pairs(limit)
-                _tablecache.store(key, {f: getattr(table, f) for f in _PAIR_FIELDS})
+            table = self._stored_or_computed("pairs", float(np.ceil(r_max + 1e-9)), _PairTable, _PAIR_FIELDS,
+                                             ("d", "weight", "usum", "width_class"), self._compute_pairs)
             self._cache["pairs"] = table
         return table
 
