@@ -265,7 +265,7 @@ class ResultFile:
             if self._stored(key, values):
                 continue
             if str(name) in self._coords:
-                del self._coords[str(name)]  # changed: written again (links are renewed by close)
+                del self._coords[str(name)]  # changed: written again
             dset = _write_array(self._coords, str(name), values)
             dset.attrs["xrdmap_dims"] = list(map(str, coord.dims))
             for k, v in coord.attrs.items():
@@ -286,20 +286,20 @@ class ResultFile:
         dset.attrs["long_name"] = str(var.attrs.get("long_name", name))
         for k, v in var.attrs.items():
             dset.attrs[k] = _attr_out(v)
-        _link_axes(group, self._coords, var, ds)
-        self._written[name] = values
+        self._written[name] = values  # its axes are linked by close, to the final coordinates
 
 
 def _link_axes(group, coords, var: xr.DataArray, ds: xr.Dataset) -> None:
     """``axes`` of an NXdata group, and hard links to the coordinates it is plotted against
-    (and its other numeric coordinates, e.g. time beside position)."""
+    (and its other numeric coordinates, e.g. time beside position); once per group, when
+    the file is closed."""
     axes = []
     for i, dim in enumerate(var.dims):
         axis = _plot_axis(ds, str(dim))
         if axis is None:
             axes.append(".")
             continue
-        _link(group, coords, axis)
+        group[axis] = coords[axis]  # hard link: stored once
         group.attrs[f"{axis}_indices"] = i
         axes.append(axis)
     group.attrs["axes"] = axes if len(axes) != 1 else axes[0]
@@ -307,17 +307,8 @@ def _link_axes(group, coords, var: xr.DataArray, ds: xr.Dataset) -> None:
         cname = str(cname)
         if cname not in axes and set(coord.dims) and set(coord.dims) <= set(var.dims):
             if coords[cname].dtype.kind in "iuf":
-                _link(group, coords, cname)
+                group[cname] = coords[cname]
                 group.attrs[f"{cname}_indices"] = [var.dims.index(d) for d in coord.dims]
-
-
-def _link(group, coords, name: str) -> None:
-    """Hard link ``group/name`` -> ``coords/name`` (stored once), renewed if it points elsewhere."""
-    if name in group:
-        if group[name] == coords[name]:
-            return
-        del group[name]
-    group[name] = coords[name]
 
 
 def _plot_axis(ds: xr.Dataset, dim: str) -> str | None:
