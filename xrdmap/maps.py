@@ -1194,12 +1194,12 @@ def make_figures(ds: xr.Dataset, what: str | Iterable[str] = "all", *,
         Reference phases drawn with the components (:func:`plot_components`).
     """
     selection = list(FIGURES) if what == "all" else ([what] if isinstance(what, str) else list(what))
-    names_of = {name: (name,) for names in FIGURES.values() for name in names}
-    unknown = [g for g in selection if g not in FIGURES and g not in names_of]
+    all_names = [name for names in FIGURES.values() for name in names]  # in FIGURES order
+    unknown = [g for g in selection if g not in FIGURES and g not in all_names]
     if unknown:
         raise ConfigError(f"figure selection {unknown}: expected 'all' or any of {', '.join(FIGURES)} "
-                          f"or of the figure names {', '.join(names_of)}")
-    wanted = {name for g in selection for name in FIGURES.get(g, names_of.get(g, ()))}
+                          f"or of the figure names {', '.join(all_names)}")
+    wanted = {name for g in selection for name in FIGURES.get(g, (g,))}
     bounds = zone_boundaries(ds)
     makers = {
         "iq_map": ("iq", lambda: plot_iq_map(ds, boundaries=bounds)),
@@ -1214,7 +1214,7 @@ def make_figures(ds: xr.Dataset, what: str | Iterable[str] = "all", *,
         "quality": (None, lambda: plot_quality(ds, boundaries=bounds)),
     }
     figures: dict[str, Figure] = {}
-    for name in (n for names in FIGURES.values() for n in names if n in wanted):  # FIGURES order
+    for name in (n for n in all_names if n in wanted):
         needs, make = makers[name]
         if name == "overview" and "phase_fraction" not in ds:
             continue
