@@ -143,17 +143,14 @@ def _run_stages(config: RunConfig, scan: xr.DataArray, out_path: Path, warm: _Wa
     # The rest of the result file is written by a second thread while this one draws the
     # remaining figures.
     result.finish(ds)
+    outputs = RunOutputs(result=out_path, dataset=ds)
     try:
-        outputs = RunOutputs(result=out_path, dataset=ds)
         outputs.figures, outputs.report, outputs.exports = _write_products(ds, config, out_path, log, figures)
-    except BaseException:
-        figures.discard()
-        result.discard()
-        raise
-    try:
         result.result()  # waits; raises the save's error, if any
     except BaseException:
-        figures.discard()  # nothing that belongs to a result file that was not written
+        # nothing that belongs to a result file that was not written
+        figures.discard()
+        result.discard()
         for path in (outputs.report, *outputs.exports):
             if path is not None:
                 path.unlink(missing_ok=True)
@@ -191,7 +188,7 @@ class _ResultSaver:
     """The run's result file (:class:`xrdmap.results.ResultFile`), written by helper
     threads: the patterns as soon as the PDF exists (:meth:`write_patterns`), the rest
     once the analysis is done (:meth:`finish`). :meth:`result` waits for both and raises
-    their error; :meth:`discard` removes the unfinished file."""
+    their error; :meth:`discard` (after an error) removes the unfinished file."""
 
     def __init__(self, path: Path) -> None:
         from xrdmap.results import ResultFile
@@ -204,7 +201,7 @@ class _ResultSaver:
         self._patterns = _InThread(self._write_patterns, ds, name="xrdmap-save-patterns")
 
     def _write_patterns(self, ds: xr.Dataset) -> None:
-        _lowest_priority()  # nothing waits for this before the analysis ends: it fills idle cores
+        _lower_priority(19)  # nothing waits for this before the analysis ends: it fills idle cores
         self._file.write(ds, list(ds.data_vars))
 
     def finish(self, ds: xr.Dataset) -> None:
@@ -216,13 +213,9 @@ class _ResultSaver:
         self._file.close(ds)
 
     def result(self) -> None:
-        try:
-            for job in (self._patterns, self._rest):
-                if job is not None:
-                    job.result()
-        except BaseException:
-            self._file.discard()
-            raise
+        for job in (self._patterns, self._rest):
+            if job is not None:
+                job.result()
 
     def discard(self) -> None:
         """Wait for the helper threads (their errors no longer matter), then remove the file."""
@@ -237,11 +230,6 @@ class _ResultSaver:
 #: fit beside it gates the figures and goes first (measured: ~0.2-0.3 s less after the
 #: last frame of the 500-point benchmark than at equal priority).
 _NMF_NICE = 5
-
-
-def _lowest_priority() -> None:
-    """Give the calling thread the lowest CPU priority (nice 19)."""
-    _lower_priority(19)
 
 
 def _lower_priority(nice: int) -> None:
