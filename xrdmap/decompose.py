@@ -105,8 +105,78 @@ def successive_projections(x: np.ndarray, k: int) -> np.ndarray:
     return np.asarray(chosen)
 
 
+#: NMF solvers: ``"anls"`` (alternating exact non-negative least squares with
+#: extrapolation, :func:`_anls`) and ``"cd"`` (scikit-learn's coordinate descent, the
+#: NMF-mapping app's solver).
+_SOLVERS = ("anls", "cd")
+
+#: Rounds over which :func:`_anls` averages the relative decrease of the error it stops on.
+_ANLS_WINDOW = 10
+
+
+def _start(x: np.ndarray, k: int, init: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Starting factors ``(W, H)`` for ``init`` ("spa" or a scikit-learn NMF init)."""
+    if init == "spa":
+        # the scan's most distinct patterns (end members), not its mean
+        h = x[successive_projections(x, k)]
+        return _nnls_rows(x, h), h
+    from sklearn.decomposition._nmf import _initialize_nmf
+
+    return _initialize_nmf(x, k, init=init, random_state=seed)
+
+
+def _anls(x: np.ndarray, w: np.ndarray, h: np.ndarray, max_iter: int, tol: float):
+    """Alternating non-negative least squares from ``(w, h)``, with extrapolation.
+
+    Each round solves ``W`` exactly for ``H`` and then ``H`` exactly for ``W``
+    (:func:`xrdmap._nnls.nnls_rows`: with few components each solve is a batch of tiny
+    NNLS problems). Every new factor is first pushed further along its last step by
+    ``beta`` (Ang & Gillis, Neural Computation 31 (2019) 417): ``beta`` grows while that
+    lowers the error and is cut when it does not, and then the round is redone without
+    extrapolation, so the error never rises. Stops when the error fell by less than
+    ``tol`` (relative) per round over the last :data:`_ANLS_WINDOW` rounds, or after
+    ``max_iter`` rounds.
+
+    On ill-conditioned scans (phases sharing one framework, or G(r) with its common
+    offset), where coordinate descent creeps, this reaches a lower error in fewer
+    operations: on a 200-point G(r) sweep 0.086 in 90 rounds (0.3 s) vs 1.31 after
+    scikit-learn's 1000 iterations (0.6 s).
+
+    Returns ``(w, h, error, rounds)``; ``h`` is the exact NNLS solution for ``w``.
+    """
+    beta, beta_max = 0.5, 1.0
+    h_prev = h
+    err = float(np.linalg.norm(x - w @ h))
+    history = [err]
+    rounds = 0
+    for rounds in range(1, int(max_iter) + 1):
+        hy = np.maximum(h + beta * (h - h_prev), 0.0)
+        wn = _solve_weights(x, hy)
+        wy = np.maximum(wn + beta * (wn - w), 0.0)
+        hn, err_n = _solve_components_err(x, wy)
+        if err_n < err:
+            h_prev, w, h, err = h, wy, hn, err_n
+            beta, beta_max = min(beta_max, 1.05 * beta), min(1.0, 1.01 * beta_max)
+        else:
+            # no gain: a plain round from the last iterate, and less extrapolation
+            wn = _solve_weights(x, h)
+            hn, err_n = _solve_components_err(x, wn)
+            beta_max, beta = beta, beta / 1.5
+            h_prev, w, h, err = h, wn, hn, min(err, err_n)
+        history.append(err)
+        if err == 0.0:
+            break
+        if rounds >= _ANLS_WINDOW and history[-1 - _ANLS_WINDOW] - err <= _ANLS_WINDOW * tol * err:
+            break
+    return w, h, float(np.linalg.norm(x - w @ h)), rounds
+
+
 def _nmf(x: np.ndarray, k: int, init: str, seed: int, max_iter: int, tol: float, w0=None, h0=None,
-         single: bool = False):
+         single: bool = False, solver: str = "cd"):
+    """``(W, H, error, iterations)`` of a k-component NMF of ``x`` from ``init`` with ``solver``."""
+    if solver == "anls":
+        w, h = (w0, h0) if init == "custom" else _start(x, k, init, seed)
+        return _anls(x, np.asarray(w, dtype=float), np.asarray(h, dtype=float), max_iter, tol)
     import warnings
 
     from sklearn.decomposition import NMF
@@ -114,9 +184,7 @@ def _nmf(x: np.ndarray, k: int, init: str, seed: int, max_iter: int, tol: float,
     from threadpoolctl import threadpool_limits
 
     if init == "spa":
-        # start at the scan's most distinct patterns (end members), not at its mean
-        h0 = x[successive_projections(x, k)]
-        w0 = _nnls_rows(x, h0)
+        w0, h0 = _start(x, k, init, seed)
         init = "custom"
     model = NMF(n_components=k, init=init, random_state=seed, max_iter=max_iter, tol=tol)
     # The products of thin (k <= ~10) factors are memory-bound: multi-threaded BLAS only
@@ -133,9 +201,9 @@ def _nmf(x: np.ndarray, k: int, init: str, seed: int, max_iter: int, tol: float,
         else:
             w = model.fit_transform(xf)
     if not single:
-        return w, model.components_, float(model.reconstruction_err_)
+        return w, model.components_, float(model.reconstruction_err_), int(model.n_iter_)
     w, h = w.astype(np.float64), model.components_.astype(np.float64)
-    return w, h, float(np.linalg.norm(x - w @ h))  # the error in double precision
+    return w, h, float(np.linalg.norm(x - w @ h)), int(model.n_iter_)  # the error in double precision
 
 
 def _nnls_rows(rows: np.ndarray, basis: np.ndarray) -> np.ndarray:
@@ -149,6 +217,14 @@ def _nnls_rows(rows: np.ndarray, basis: np.ndarray) -> np.ndarray:
 def _solve_components(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """``H >= 0`` minimising ``||x - w @ H||`` with ``w`` fixed (column by column)."""
     return _nnls_rows(x.T, w.T).T
+
+
+def _solve_components_err(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, float]:
+    """:func:`_solve_components` and the error ``||x - w @ H||`` it leaves."""
+    from xrdmap._nnls import nnls_rows
+
+    h, rnorm = nnls_rows(w, x.T, maxiter=100 * w.shape[1])
+    return h.T, float(np.sqrt(np.sum(rnorm**2)))
 
 
 def _solve_weights(x: np.ndarray, h: np.ndarray) -> np.ndarray:
@@ -229,12 +305,33 @@ class NMFDecomposition:
     random_state : int
         Seed of the random restarts and of anything random; results are reproducible.
     max_iter, tol : int, float
-        Coordinate-descent iterations and tolerance of each NMF fit.
+        Most iterations (``"cd"``) or rounds (``"anls"``) of each NMF fit, and its
+        tolerance: for ``"cd"`` scikit-learn's (on the projected gradient), for
+        ``"anls"`` the relative decrease of the error per round, averaged over 10 rounds.
+    solver : {"cd", "anls"}
+        ``"cd"`` (default): scikit-learn's coordinate descent, the NMF-mapping app's
+        solver; with ``init="nndsvd"`` it reproduces the app's weights, hence the
+        published study's. ``"anls"``: alternating exact non-negative least squares with
+        extrapolation (:func:`_anls`); it converges in tens of rounds. On ill-conditioned scans
+        (phases sharing one framework; G(r), whose common offset makes the components
+        nearly collinear) it is still far from a minimum after 1000 iterations: on the
+        500-point benchmark scan (200-point sweep) ANLS reached an error of 0.01935 in
+        Q (5 components) in 0.1 s where coordinate descent stopped at 0.02171 after
+        0.7 s, and 0.086 vs 1.31 in r (3 components; 0.3 vs 0.6 s). On the app's own
+        test data the two agree to within 0.98 in weight correlation: the factorisation
+        is not unique, and ANLS goes further down the valley (error 0.081 vs 0.193).
+        A scan with more than ``sweep_points`` patterns is refitted on all of them by
+        alternating non-negative least squares (``"anls"``: the same solver; ``"cd"``: at
+        most 20 rounds without extrapolation).
     n_restarts : int
-        Extra fits of the chosen model from random starts (in single precision, ~2x
-        faster; the main fit is in double). The nndsvd answer is kept unless
-        a restart reaches a reconstruction error lower by more than 0.1 %; the spread of
-        the restarts is reported in ``stability_``.
+        Extra fits of the chosen model from random starts: a probe for a clearly better
+        minimum, and for how well the answer is determined. With ``"anls"`` each runs at
+        most three times the rounds the main fit needed (at least 50): a start that is
+        not near the main answer by then is in a worse basin or crawling; with ``"cd"``
+        each is a coordinate-descent fit in single precision (~2x faster). The main
+        answer is kept unless a restart reaches a reconstruction error lower by more
+        than 0.1 %; the spread of the restarts that come within 5 % of its error is
+        reported in ``stability_``.
     smoothness : float
         Width (standard deviation, in scan points) of a Gaussian smoothing of the weights
         along the scan axis, applied after the fit; the components are then re-solved by
@@ -346,6 +443,7 @@ class NMFDecomposition:
         noise_factor: float = 2.0,
         sweep_points: int = 200,
         criterion: str = "svd",
+        solver: str = "cd",
     ) -> None:
         self.n_components = n_components
         self.min_components = min_components
@@ -362,10 +460,13 @@ class NMFDecomposition:
         self.noise_factor = noise_factor
         self.sweep_points = sweep_points
         self.criterion = criterion
+        self.solver = solver
 
     def _check_params(self) -> None:
         if self.init not in _INITS:
             raise ConfigError(f"NMF init={self.init!r}: expected one of {_INITS}")
+        if self.solver not in _SOLVERS:
+            raise ConfigError(f"NMF solver={self.solver!r}: expected one of {_SOLVERS}")
         if self.criterion not in ("svd", "nmf"):
             raise ConfigError(f"NMF criterion={self.criterion!r}: expected 'svd' or 'nmf'")
         if self.negative not in _NEGATIVE_MODES:
@@ -463,7 +564,7 @@ class NMFDecomposition:
         # count is factorised (the sweep of NMF fits was ~2/3 of the decomposition time)
         fits = {}
         if self.criterion == "nmf":
-            fits = {k: _nmf(xs, k, self.init, seed, self.max_iter, self.tol) for k in ks}
+            fits = {k: _nmf(xs, k, self.init, seed, self.max_iter, self.tol, solver=self.solver) for k in ks}
         errors = np.array([fits[k][2] if k in fits else np.nan for k in ks])
         u, sv, vt = np.linalg.svd(xs, full_matrices=False)
         tail = np.concatenate([np.sqrt(np.cumsum((sv**2)[::-1]))[::-1], [0.0]])
@@ -496,14 +597,21 @@ class NMFDecomposition:
             self.residual_correlation_length_ = np.nan
 
         if chosen not in fits:
-            fits[chosen] = _nmf(xs, chosen, self.init, seed, self.max_iter, self.tol)
+            fits[chosen] = _nmf(xs, chosen, self.init, seed, self.max_iter, self.tol, solver=self.solver)
             errors[ks.index(chosen)] = fits[chosen][2]
-        w, h, err = fits[chosen]
+        w, h, err, rounds = fits[chosen]
         restart_w, restart_err = [], []
         rng = np.random.default_rng(seed)
         for _ in range(int(self.n_restarts)):
-            rw, _, rerr = _nmf(xs, chosen, "random", int(rng.integers(2**31 - 1)), self.max_iter, self.tol,
-                               single=True)
+            seed_k = int(rng.integers(2**31 - 1))
+            if self.solver == "anls":
+                # A random start that has not come near the main answer after three times
+                # the rounds it needed (at least 50) is in a worse basin, or crawling.
+                rw, _, rerr, _ = _nmf(xs, chosen, "random", seed_k, min(self.max_iter, max(50, 3 * rounds)),
+                                      self.tol, solver="anls")
+            else:
+                rw, _, rerr, _ = _nmf(xs, chosen, "random", seed_k, self.max_iter, self.tol, single=True,
+                                      solver="cd")
             restart_w.append(rw)
             restart_err.append(rerr)
         if restart_err and min(restart_err) < err * (1 - 1e-3):
@@ -519,7 +627,11 @@ class NMFDecomposition:
         equivalent = [rw for rw, re_ in zip(restart_w, restart_err, strict=True) if re_ <= 1.05 * err]
         if equivalent:
             stability = np.nanmin(np.stack([match_components(w, rw)[1] for rw in equivalent]), axis=0)
-        if len(sub) < n_points:
+        if len(sub) < n_points and self.solver == "anls":
+            # the same solver on all patterns, from the sweep's components: it keeps their
+            # order (so `stability` still applies)
+            w, h, err, _ = _anls(xa, _solve_weights(xa, h), h, self.max_iter, self.tol)
+        elif len(sub) < n_points:
             # Alternating exact non-negative least squares on all patterns, started from
             # the sweep's components: converges in a few rounds and keeps their order (so
             # `stability` still applies).
@@ -666,7 +778,7 @@ def cross_validation_errors(
         colmean = (xa * m).sum(0) / np.maximum(m.sum(0), 1)
         filled = np.where(hidden, colmean[None, :], xa)
         for i, k in enumerate(n_components):
-            w, h, _ = _nmf(filled, int(k), "nndsvda", random_state, 300, 1e-4)
+            w, h, *_ = _nmf(filled, int(k), "nndsvda", random_state, 300, 1e-4, solver="cd")
             for _ in range(n_iter):
                 wh = w @ h
                 h *= (w.T @ (m * xa)) / (w.T @ (m * wh) + eps)
@@ -751,7 +863,7 @@ def decompose(data, dim: str | None = None, *, bragg_window_A: float | None = No
                 {k: getattr(model, k) for k in (
                     "n_components", "min_components", "max_components", "init", "random_state",
                     "max_iter", "tol", "n_restarts", "smoothness", "negative", "rtol", "noise_factor",
-                    "sweep_points", "criterion",
+                    "sweep_points", "criterion", "solver",
                 )}
             ),
         }

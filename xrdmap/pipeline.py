@@ -781,7 +781,7 @@ def _decompose(data: xr.DataArray, dim: str, ranges: list, d: Any) -> xr.Dataset
         x_ranges=[tuple(r) for r in ranges],
         n_components=d.components, min_components=d.min_components,
         max_components=d.max_components, random_state=d.random_state, smoothness=d.smoothness,
-        init=d.q_init if dim == "q" else "nndsvd",
+        init=d.q_init if dim == "q" else "nndsvd", solver=d.solver,
     )
 
 

@@ -135,6 +135,11 @@ def decompose_command(
         "auto", "--init", help="NMF start: 'spa' (the most distinct patterns: end-member components), "
         "'nndsvd' (the NMF-mapping app's), 'nndsvda' or 'random'. 'auto': spa in Q, nndsvd in r, as `xrdmap run`.",
     ),
+    solver: str = typer.Option(
+        "cd", "--solver", help="NMF solver: 'cd' (coordinate descent, 1000 iterations: the NMF-mapping app's, "
+        "as `xrdmap run`) or 'anls' (alternating exact non-negative least squares with extrapolation: "
+        "converges in tens of rounds to a lower error).",
+    ),
     q_diffuse: str = typer.Option(
         "subtract", "--q-diffuse", help="In Q: 'subtract' the smooth diffuse scattering first (NMF of the "
         "Bragg part, as `xrdmap run`) or 'keep' it.",
@@ -164,6 +169,8 @@ def decompose_command(
         raise ConfigError(f"--dim {dim!r}: expected 'q' or 'r'")
     if init not in ("auto", "spa", "nndsvd", "nndsvda", "random"):
         raise ConfigError(f"--init {init!r}: expected auto, spa, nndsvd, nndsvda or random")
+    if solver not in ("anls", "cd"):
+        raise ConfigError(f"--solver {solver!r}: expected anls or cd")
     if q_diffuse not in ("subtract", "keep"):
         raise ConfigError(f"--q-diffuse {q_diffuse!r}: expected 'subtract' or 'keep'")
     if not q_diffuse_window > 0:
@@ -208,6 +215,7 @@ def decompose_command(
             min_components=min_components, max_components=max_components, x_ranges=ranges,
             smoothness=smoothness, random_state=random_state,
             init=init if init != "auto" else ("spa" if d == "q" else "nndsvd"),
+            solver=solver,
         )
         if "file" in da.coords:
             res = res.assign_coords(file=("point", da["file"].values))
