@@ -364,7 +364,7 @@ def describe_series(
     out = xr.Dataset()
     out["crystallinity"] = crystallinity_index(ds["iq"], q_range=q_range)
     if peaks:
-        out = out.merge(peak_descriptors(ds["iq"], peaks))
+        out = out.merge(peak_descriptors(ds["iq"], peaks), compat="no_conflicts")
     if phase is not None:
         out["lattice_scale"] = lattice_scale(ds["iq"], phase, q_range=lattice_q_range or q_range,
                                              iq_sigma=ds.get("iq_sigma"))
