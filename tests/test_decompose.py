@@ -442,6 +442,30 @@ def test_anls_factorises_exact_nonnegative_data_from_a_random_start():
     assert np.all(corr > 0.9999), corr
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_anls_gives_up_only_a_start_that_cannot_reach_the_bar(seed):
+    # Noisy data of three end members: every random start converges to the same minimum.
+    # A bar below that minimum cannot be reached: the fit stops early; a bar at or above
+    # it changes nothing (the restarts' rule: come within 5 % of the main answer or stop).
+    from xrdmap.decompose import _anls, _start
+
+    rng = np.random.default_rng(4)
+    w0 = rng.uniform(0, 1, (60, 3))
+    h0 = rng.uniform(0, 1, (3, 300)) * (rng.uniform(0, 1, (3, 300)) > 0.6)
+    w0[:3], h0[:, :3] = np.eye(3), np.eye(3)
+    x = w0 @ h0 + rng.normal(0, 0.01, (60, 300)).clip(0)
+    w, h = _start(x, 3, "random", seed)
+    w_full, h_full, err_full, rounds_full = _anls(x, w, h, 200, 1e-6)
+    *_, err_low, rounds_low = _anls(x, w, h, 200, 1e-6, give_up_above=0.9 * err_full)
+    assert rounds_low < rounds_full
+    assert err_low >= err_full * (1 - 1e-9)
+    for bar in (1.0, 1.05):
+        w_b, h_b, err_b, rounds_b = _anls(x, w, h, 200, 1e-6, give_up_above=bar * err_full)
+        assert (rounds_b, err_b) == (rounds_full, err_full)
+        np.testing.assert_array_equal(w_b, w_full)
+        np.testing.assert_array_equal(h_b, h_full)
+
+
 @pytest.mark.parametrize("solver", ["anls", "cd"])
 def test_both_solvers_recover_simulated_end_members(solver):
     da, frac, ends = _end_member_scan()

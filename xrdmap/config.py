@@ -135,10 +135,11 @@ class DecomposeConfig(_Section):
         "components, named by reference mixtures); 'nndsvd' = the NMF-mapping app's (mean pattern and differences). "
         "NMF in r always starts from nndsvd"
     )
-    solver: Literal["cd", "anls"] = Field(
-        "cd", description="NMF solver: 'cd' = scikit-learn's coordinate descent, stopped after 1000 iterations "
-        "(the NMF-mapping app's: in r, from nndsvd, it gives the app's weights); 'anls' = alternating exact "
-        "non-negative least squares with extrapolation, which converges in tens of rounds to a lower error"
+    solver: Literal["anls", "cd"] = Field(
+        "anls", description="NMF solver: 'anls' = alternating exact non-negative least squares with "
+        "extrapolation, which converges in tens of rounds; 'cd' = scikit-learn's coordinate descent, stopped "
+        "after 1000 iterations, often far above the minimum (the NMF-mapping app's: in r, from nndsvd, it gives "
+        "the app's weights, hence the published study's)"
     )
     smoothness: float = Field(0.0, ge=0)
     q_diffuse: Literal["subtract", "keep"] = Field(
@@ -343,7 +344,7 @@ decompose:
   max_components: 5
   random_state: 0
   q_init: spa                # NMF in Q starts at the most distinct patterns (end members); nndsvd: as the NMF-mapping app
-  solver: cd                 # NMF by coordinate descent, as the NMF-mapping app; anls: alternating exact NNLS (converges)
+  solver: anls               # NMF by alternating exact NNLS (converges); cd: coordinate descent, as the NMF-mapping app
   smoothness: 0.0            # > 0: smooth the weights along the scan axis
   q_diffuse: subtract        # NMF in Q on the Bragg part: the smooth diffuse scattering is taken off first
   q_diffuse_window_A: 1.0    # width (A^-1) of that baseline: wider than the Bragg peaks

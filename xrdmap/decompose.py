@@ -113,6 +113,10 @@ _SOLVERS = ("anls", "cd")
 #: Rounds over which :func:`_anls` averages the relative decrease of the error it stops on.
 _ANLS_WINDOW = 10
 
+#: A random restart whose error is within this factor of the kept answer's is an equally
+#: good factorisation: it counts for ``stability_``.
+_EQUIVALENT = 1.05
+
 
 def _start(x: np.ndarray, k: int, init: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Starting factors ``(W, H)`` for ``init`` ("spa" or a scikit-learn NMF init)."""
@@ -125,7 +129,7 @@ def _start(x: np.ndarray, k: int, init: str, seed: int) -> tuple[np.ndarray, np.
     return _initialize_nmf(x, k, init=init, random_state=seed)
 
 
-def _anls(x: np.ndarray, w: np.ndarray, h: np.ndarray, max_iter: int, tol: float):
+def _anls(x: np.ndarray, w: np.ndarray, h: np.ndarray, max_iter: int, tol: float, give_up_above: float | None = None):
     """Alternating non-negative least squares from ``(w, h)``, with extrapolation.
 
     Each round solves ``W`` exactly for ``H`` and then ``H`` exactly for ``W``
@@ -136,6 +140,11 @@ def _anls(x: np.ndarray, w: np.ndarray, h: np.ndarray, max_iter: int, tol: float
     extrapolation, so the error never rises. Stops when the error fell by less than
     ``tol`` (relative) per round over the last :data:`_ANLS_WINDOW` rounds, or after
     ``max_iter`` rounds.
+
+    ``give_up_above``: also stop once the error cannot get below this value within
+    ``max_iter`` rounds even if it kept falling as fast as over the last
+    :data:`_ANLS_WINDOW` rounds (it falls ever more slowly as a fit converges): for
+    random restarts that only count if they come near the main answer.
 
     On ill-conditioned scans (phases sharing one framework, or G(r) with its common
     offset), where coordinate descent creeps, this reaches a lower error in fewer
@@ -166,18 +175,23 @@ def _anls(x: np.ndarray, w: np.ndarray, h: np.ndarray, max_iter: int, tol: float
         history.append(err)
         if err == 0.0:
             break
-        if rounds >= _ANLS_WINDOW and history[-1 - _ANLS_WINDOW] - err <= _ANLS_WINDOW * tol * err:
-            break
+        if rounds >= _ANLS_WINDOW:
+            drop = history[-1 - _ANLS_WINDOW] - err
+            if drop <= _ANLS_WINDOW * tol * err:
+                break
+            if give_up_above is not None and err - drop / _ANLS_WINDOW * (max_iter - rounds) > give_up_above:
+                break
     return w, h, float(np.linalg.norm(x - w @ h)), rounds
 
 
 def _nmf(x: np.ndarray, k: int, init: str, seed: int, max_iter: int, tol: float, w0=None, h0=None,
-         single: bool = False, solver: str = "cd"):
+         single: bool = False, solver: str = "cd", give_up_above: float | None = None):
     """``(W, H, error, iterations)`` of a k-component NMF of ``x`` from ``init`` with ``solver``
-    (``single``: coordinate descent in single precision; ANLS is always in double)."""
+    (``single``: coordinate descent in single precision; ANLS is always in double;
+    ``give_up_above``: see :func:`_anls`, ignored by coordinate descent)."""
     if solver == "anls":
         w, h = _start(x, k, init, seed)
-        return _anls(x, np.asarray(w, dtype=float), np.asarray(h, dtype=float), max_iter, tol)
+        return _anls(x, np.asarray(w, dtype=float), np.asarray(h, dtype=float), max_iter, tol, give_up_above)
     import warnings
 
     from sklearn.decomposition import NMF
@@ -296,8 +310,8 @@ class NMFDecomposition:
         other x dims.
     init : str
         Initialisation of the main fit: a scikit-learn NMF ``init`` or ``"spa"``.
-        ``"nndsvd"`` (default) is deterministic and reproduces the pdfitc.org NMF-mapping
-        weights; its components are the scan's mean pattern and differences from it.
+        ``"nndsvd"`` (default) is deterministic and, with ``solver="cd"``, reproduces the
+        pdfitc.org NMF-mapping weights; its components are the scan's mean pattern and differences from it.
         ``"spa"`` (deterministic) starts from the scan's most distinct patterns
         (:func:`successive_projections`), so the components are end members, patterns
         of the sample itself that reference phases or mixtures can name; the error is
@@ -309,27 +323,30 @@ class NMFDecomposition:
         Most iterations (``"cd"``) or rounds (``"anls"``) of each NMF fit, and its
         tolerance: for ``"cd"`` scikit-learn's (on the projected gradient), for
         ``"anls"`` the relative decrease of the error per round, averaged over 10 rounds.
-    solver : {"cd", "anls"}
-        ``"cd"`` (default): scikit-learn's coordinate descent, the NMF-mapping app's
-        solver; with ``init="nndsvd"`` it reproduces the app's weights, hence the
-        published study's. ``"anls"``: alternating exact non-negative least squares with
-        extrapolation (:func:`_anls`); it converges in tens of rounds. On ill-conditioned scans
-        (phases sharing one framework; G(r), whose common offset makes the components
-        nearly collinear) it is still far from a minimum after 1000 iterations: on the
-        500-point benchmark scan (200-point sweep) ANLS reached an error of 0.01935 in
-        Q (5 components) in 0.1 s where coordinate descent stopped at 0.02171 after
-        0.7 s, and 0.086 vs 1.31 in r (3 components; 0.3 vs 0.6 s). On the app's own
-        test data the two agree to within 0.98 in weight correlation: the factorisation
-        is not unique, and ANLS goes further down the valley (error 0.081 vs 0.193).
+    solver : {"anls", "cd"}
+        ``"anls"`` (default): alternating exact non-negative least squares with
+        extrapolation (:func:`_anls`); it converges in tens of rounds. ``"cd"``:
+        scikit-learn's coordinate descent, the NMF-mapping app's solver; with
+        ``init="nndsvd"`` it reproduces the app's weights, hence the published study's. On
+        ill-conditioned scans (phases sharing one framework; G(r), whose common offset
+        makes the components nearly collinear) coordinate descent is still far from a
+        minimum when it stops after ``max_iter`` iterations: on the 500-point benchmark
+        scan (200-point sweep) ANLS reached an error of 0.01935 in Q (5 components) in
+        0.1 s where coordinate descent stopped at 0.02171 after 0.7 s, and 0.086 vs 1.31
+        in r (3 components; 0.3 vs 0.6 s; its random restarts reached 0.80, so a random
+        start's answer was kept). On the app's own test data the two agree to within 0.98
+        in weight correlation: the factorisation is not unique, and ANLS goes further down
+        the valley (error 0.081 vs 0.193).
         A scan with more than ``sweep_points`` patterns is refitted on all of them by
         alternating non-negative least squares (``"anls"``: the same solver; ``"cd"``: at
         most 20 rounds without extrapolation).
     n_restarts : int
         Extra fits of the chosen model from random starts: a probe for a clearly better
         minimum, and for how well the answer is determined. With ``"anls"`` each runs at
-        most three times the rounds the main fit needed (at least 50): a start that is
-        not near the main answer by then is in a worse basin or crawling; with ``"cd"``
-        each is a coordinate-descent fit in single precision (~2x faster). The main
+        most three times the rounds the main fit needed (at least 50), and stops early
+        once, even at its current rate of descent, it could not come within 5 % of the
+        main answer's error: such a start is in a worse basin or crawling. With ``"cd"``
+        each is a full coordinate-descent fit in single precision (~2x faster). The main
         answer is kept unless a restart reaches a reconstruction error lower by more
         than 0.1 %; the spread of the restarts that come within 5 % of its error is
         reported in ``stability_``.
@@ -423,6 +440,7 @@ class NMFDecomposition:
         the kept one (1 = every equally good factorisation has the same weights); NaN when
         no restart got that close (the kept answer is then the best minimum found).
     restart_errors_ : np.ndarray
+        Error of each random restart where it stopped.
     shift_ : float
         Offset added to the data before the fit (0 if none).
     """
@@ -444,7 +462,7 @@ class NMFDecomposition:
         noise_factor: float = 2.0,
         sweep_points: int = 200,
         criterion: str = "svd",
-        solver: str = "cd",
+        solver: str = "anls",
     ) -> None:
         self.n_components = n_components
         self.min_components = min_components
@@ -606,9 +624,11 @@ class NMFDecomposition:
         for _ in range(int(self.n_restarts)):
             # With ANLS, a random start that has not come near the main answer after three
             # times the rounds it needed (at least 50) is in a worse basin, or crawling.
+            # It is also given up as soon as it can no longer come within 5 % of the main
+            # answer (see _anls), where it would count for neither the answer nor `stability`.
             budget = min(self.max_iter, max(50, 3 * rounds)) if self.solver == "anls" else self.max_iter
             rw, _, rerr, _ = _nmf(xs, chosen, "random", int(rng.integers(2**31 - 1)), budget, self.tol,
-                                  single=True, solver=self.solver)
+                                  single=True, solver=self.solver, give_up_above=_EQUIVALENT * err)
             restart_w.append(rw)
             restart_err.append(rerr)
         if restart_err and min(restart_err) < err * (1 - 1e-3):
@@ -621,7 +641,7 @@ class NMFDecomposition:
             h = _solve_components(xs, w)
             err = float(np.linalg.norm(xs - w @ h))
         stability = np.full(chosen, np.nan)
-        equivalent = [rw for rw, re_ in zip(restart_w, restart_err, strict=True) if re_ <= 1.05 * err]
+        equivalent = [rw for rw, re_ in zip(restart_w, restart_err, strict=True) if re_ <= _EQUIVALENT * err]
         if equivalent:
             stability = np.nanmin(np.stack([match_components(w, rw)[1] for rw in equivalent]), axis=0)
         if len(sub) < n_points and self.solver == "anls":

@@ -136,9 +136,9 @@ def decompose_command(
         "'nndsvd' (the NMF-mapping app's), 'nndsvda' or 'random'. 'auto': spa in Q, nndsvd in r, as `xrdmap run`.",
     ),
     solver: str = typer.Option(
-        "cd", "--solver", help="NMF solver: 'cd' (coordinate descent, 1000 iterations: the NMF-mapping app's, "
-        "as `xrdmap run`) or 'anls' (alternating exact non-negative least squares with extrapolation: "
-        "converges in tens of rounds to a lower error).",
+        "anls", "--solver", help="NMF solver: 'anls' (alternating exact non-negative least squares with "
+        "extrapolation: converges in tens of rounds; as `xrdmap run`) or 'cd' (coordinate descent stopped after "
+        "1000 iterations: the NMF-mapping app's, for its weights).",
     ),
     q_diffuse: str = typer.Option(
         "subtract", "--q-diffuse", help="In Q: 'subtract' the smooth diffuse scattering first (NMF of the "
