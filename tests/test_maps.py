@@ -480,3 +480,28 @@ def test_wide_heatmaps_average_neighbouring_columns():
     np.testing.assert_allclose(np.diff(xb), 0.02)  # still an even grid
     same_x, same_z = _bin_columns(x[:1600], z[:, :1600], 1600)
     assert same_z.shape == (2, 1600)
+
+
+def test_pipeline_figure_rounds_match_one_round_and_find_the_zones_once(result, tmp_path, monkeypatch):
+    """`xrdmap run` draws its figures in rounds as their data appear (pipeline._Figures);
+    the files must be those one save_figures call draws, with the zones found once."""
+    from types import SimpleNamespace
+
+    from xrdmap import pipeline
+
+    ref = maps.save_figures(result, tmp_path / "ref", formats=("png",), phases=None)
+    calls = []
+    original = maps.find_zone_boundaries
+    monkeypatch.setattr(maps, "find_zone_boundaries", lambda *a, **k: calls.append(1) or original(*a, **k))
+    config = SimpleNamespace(output=SimpleNamespace(formats=["png"]))
+    figures = pipeline._Figures(config, tmp_path / "run" / "result.h5", None)
+    (tmp_path / "run").mkdir()
+    early = result.drop_vars([v for v in result.data_vars if v.startswith("nmf_")])
+    figures.draw_early(early)
+    figures.draw_components("q", result)
+    figures.draw_rest(result)
+    assert sorted(p.name for p in figures.written) == sorted(p.name for p in ref)
+    for path in ref:
+        assert (figures.dir / path.name).read_bytes() == path.read_bytes(), path.name
+    assert len(calls) == 1
+    assert "zone_boundaries" not in result.attrs

@@ -947,13 +947,27 @@ class _Figures:
         self._phases = phases
         self.written: list[Path] = []
         self._drawn: set[str] = set()
+        self._zones: tuple[np.ndarray, list[float]] | None = None
 
     def _draw(self, ds: xr.Dataset, names: list[str]) -> None:
         from xrdmap.maps import save_figures
 
         self.dir.mkdir(exist_ok=True)
-        self.written += save_figures(ds, self.dir, formats=self._formats, what=names, phases=self._phases)
+        self.written += save_figures(self._with_zones(ds), self.dir, formats=self._formats, what=names,
+                                     phases=self._phases)
         self._drawn.update(names)  # a figure without data in ds is not drawn later either
+
+    def _with_zones(self, ds: xr.Dataset) -> xr.Dataset:
+        """``ds`` with the zone boundaries of its phase fractions as stored ones: every round
+        draws them, and the fractions do not change between rounds (found once, ~0.1 s)."""
+        from xrdmap.maps import zone_boundaries
+
+        if "phase_fraction" not in ds or "zone_boundaries" in ds.variables or "zone_boundaries" in ds.attrs:
+            return ds
+        fractions = ds["phase_fraction"].values
+        if self._zones is None or not np.array_equal(self._zones[0], fractions, equal_nan=True):
+            self._zones = (fractions.copy(), zone_boundaries(ds))
+        return ds.assign_attrs(zone_boundaries=np.asarray(self._zones[1], dtype=float))
 
     def draw_early(self, ds: xr.Dataset) -> None:
         from xrdmap.maps import FIGURES
