@@ -505,3 +505,10 @@ def test_pipeline_figure_rounds_match_one_round_and_find_the_zones_once(result, 
         assert (figures.dir / path.name).read_bytes() == path.read_bytes(), path.name
     assert len(calls) == 1
     assert "zone_boundaries" not in result.attrs
+
+
+def test_warm_up_draws_in_memory_only(tmp_path, monkeypatch):
+    # the run's warm-up thread calls it during the integration: no file may appear
+    monkeypatch.chdir(tmp_path)
+    assert maps.warm_up(("png", "svg", "pdf")) is None
+    assert list(tmp_path.iterdir()) == []

@@ -886,9 +886,10 @@ class _WarmUp:
     """Work the analysis will need, done in a background thread during the integration.
 
     Started (:meth:`start`) once the Q grid is known: imports the NMF and plotting
-    modules and builds the reference phases' reflection and pair lists to the Q and r
-    the analysis reaches (~3 s for the shipped library, otherwise paid after the last
-    frame). The dask workers leave the main process's core share mostly idle meanwhile.
+    modules, draws a throwaway figure (:func:`xrdmap.maps.warm_up`: ~0.2 s less after
+    the last frame) and builds the reference phases' reflection and pair lists to the Q
+    and r the analysis reaches (~3 s for the shipped library, otherwise paid after the
+    last frame). The dask workers leave the main process's core share mostly idle meanwhile.
     :meth:`result` waits for it and returns the phases; an error is re-raised there.
     """
 
@@ -909,7 +910,9 @@ class _WarmUp:
         import xrdmap.decompose  # noqa: F401
 
         if self._config.output.figures:
-            import xrdmap.maps  # noqa: F401
+            from xrdmap.maps import warm_up
+
+            warm_up(self._config.output.formats)
 
         from xrdmap.assign import _DIRECT_FWHM_Q
 
