@@ -311,7 +311,8 @@ class NMFDecomposition:
     init : str
         Initialisation of the main fit: a scikit-learn NMF ``init`` or ``"spa"``.
         ``"nndsvd"`` (default) is deterministic and, with ``solver="cd"``, reproduces the
-        pdfitc.org NMF-mapping weights; its components are the scan's mean pattern and differences from it.
+        pdfitc.org NMF-mapping weights; its components are the scan's mean pattern and
+        differences from it.
         ``"spa"`` (deterministic) starts from the scan's most distinct patterns
         (:func:`successive_projections`), so the components are end members, patterns
         of the sample itself that reference phases or mixtures can name; the error is

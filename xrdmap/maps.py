@@ -1248,7 +1248,13 @@ def warm_up(formats: Sequence[str] = ("png",), dpi: int = 150) -> None:
     ax.set_xlabel("Q (Å$^{-1}$)")
     ax.set_title("warm-up")
     for fmt in formats:
-        fig.savefig(io.BytesIO(), format=fmt, dpi=dpi, **({"pil_kwargs": {"compress_level": 1}} if fmt == "png" else {}))
+        fig.savefig(io.BytesIO(), format=fmt, dpi=dpi, **_format_options(fmt))
+
+
+def _format_options(fmt: str) -> dict[str, Any]:
+    """``savefig`` options of a format: PNG at zlib level 1 (these images are mostly flat
+    colour; higher levels cost CPU for a few per cent of size)."""
+    return {"pil_kwargs": {"compress_level": 1}} if fmt == "png" else {}
 
 
 def save_figures(ds: xr.Dataset, outdir: str | Path, formats: Sequence[str] = ("png", "svg"),
@@ -1273,8 +1279,7 @@ def save_figures(ds: xr.Dataset, outdir: str | Path, formats: Sequence[str] = ("
         for fmt in formats:
             path = out / f"{name}.{fmt}"
             with atomic_output(path) as tmp:
-                fig.savefig(tmp, format=fmt, dpi=dpi, metadata=_metadata(ds, fmt),
-                            **({"pil_kwargs": {"compress_level": 1}} if fmt == "png" else {}))
+                fig.savefig(tmp, format=fmt, dpi=dpi, metadata=_metadata(ds, fmt), **_format_options(fmt))
             written.append(path)
     return written
 

@@ -961,11 +961,13 @@ class _Figures:
         self._drawn.update(names)  # a figure without data in ds is not drawn later either
 
     def _with_zones(self, ds: xr.Dataset) -> xr.Dataset:
-        """``ds`` with the zone boundaries of its phase fractions as stored ones: every round
-        draws them, and the fractions do not change between rounds (found once, ~0.1 s)."""
+        """``ds`` with the zone boundaries of its phase fractions as stored ones
+        (:func:`xrdmap.maps.zone_boundaries`, which prefers boundaries ``ds`` already
+        stores): every round draws them, and the fractions do not change between rounds
+        (found once, ~0.1 s)."""
         from xrdmap.maps import zone_boundaries
 
-        if "phase_fraction" not in ds or "zone_boundaries" in ds.variables or "zone_boundaries" in ds.attrs:
+        if "phase_fraction" not in ds:
             return ds
         fractions = ds["phase_fraction"].values
         if self._zones is None or not np.array_equal(self._zones[0], fractions, equal_nan=True):
