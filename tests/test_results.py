@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from xrdmap.errors import InputError, OutputError
+from xrdmap.errors import ConfigError, InputError, OutputError
 from xrdmap.results import ResultFile, atomic_output, open_result, provenance, save_result
 
 
@@ -43,6 +43,27 @@ def test_round_trip_is_exact(tmp_path, result):
     back = open_result(path)
     xr.testing.assert_identical(back, result)
     assert back["iq_sigma"].dtype == np.float32
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip"])
+def test_compression_is_chosen_and_lossless(tmp_path, result, compression):
+    rng = np.random.default_rng(2)
+    big = result.assign(iq=(("point", "q"), rng.normal(size=(7, 50)) * 1e3))
+    big = big.reindex(point=np.arange(100), fill_value=1.5).assign(gr=(("point", "q"), rng.random((100, 50))))
+    path = save_result(big, tmp_path / "r.h5", compression=compression)
+    with h5py.File(path, "r") as fh:
+        for name in ("iq", "gr"):  # 5000 values: compressed with gzip, never without
+            dset = fh[f"entry/process/{name}/data"]
+            assert dset.compression == (None if compression == "none" else "gzip")
+            assert dset.shuffle == (compression == "gzip")
+        assert fh["entry/process/phase_fraction/data"].compression is None  # 300 values: never
+    xr.testing.assert_identical(open_result(path), big)
+
+
+def test_unknown_compression_is_a_config_error(tmp_path, result):
+    with pytest.raises(ConfigError, match=r"compression 'lzf': expected one of none, gzip"):
+        save_result(result, tmp_path / "r.h5", compression="lzf")
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 def test_layout_is_plottable_nexus(tmp_path, result):

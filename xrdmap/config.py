@@ -185,6 +185,9 @@ class OutputConfig(_Section):
     report: bool = True
     export: list[Literal["xy", "chi", "sq", "fq", "gr"]] = Field(default_factory=list)
     keep_checkpoints: bool = False
+    compression: Literal["none", "gzip"] = Field(
+        "none", description="arrays of the result file: none, or gzip (~25 % smaller, ~1.1 CPU-s per 500 points)"
+    )
 
 
 class ComputeConfig(_Section):
@@ -369,6 +372,7 @@ output:
   report: true               # static HTML report next to the result
   export: []                 # per-point text files: xy, chi, sq, fq, gr
   keep_checkpoints: false    # keep the per-chunk checkpoints after a successful run
+  compression: none          # result arrays: none, or gzip (~25 % smaller, ~1.1 CPU-s per 500 points)
 
 compute:
   workers: 2                 # 0: in-process; N: local dask cluster of N processes

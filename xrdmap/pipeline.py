@@ -118,9 +118,9 @@ def _run_stages(config: RunConfig, scan: xr.DataArray, out_path: Path, warm: _Wa
         ds = bin_points(ds, config.scan.time_bin, config.scan.time_window)
         phases = warm.result()
         figures = _Figures(config, out_path, phases)
-        result = _ResultSaver(out_path)
-        # The patterns go into the result file (a helper thread: HDF5's compression runs
-        # without the GIL) as soon as the PDF exists, and the figures of I(Q), G(r), the
+        result = _ResultSaver(out_path, config.output.compression)
+        # The patterns go into the result file (a helper thread: HDF5's optional
+        # compression runs without the GIL) as soon as the PDF exists, and the figures of I(Q), G(r), the
         # fractions and each decomposition are drawn as soon as their data exist, while
         # the NMF components are named (this thread would only wait there).
         draw = config.output.figures
@@ -190,10 +190,10 @@ class _ResultSaver:
     once the analysis is done (:meth:`finish`). :meth:`result` waits for both and raises
     their error; :meth:`discard` (after an error) removes the unfinished file."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, compression: str) -> None:
         from xrdmap.results import ResultFile
 
-        self._file = ResultFile(path)
+        self._file = ResultFile(path, compression=compression)
         self._patterns: _InThread | None = None
         self._rest: _InThread | None = None
 

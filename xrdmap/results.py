@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import xarray as xr
 
-from xrdmap.errors import InputError, OutputError
+from xrdmap.errors import ConfigError, InputError, OutputError
 
 __all__ = ["atomic_output", "save_result", "ResultFile", "open_result", "provenance", "export_columns"]
 
@@ -130,14 +130,27 @@ def _attr_in(value: Any) -> Any:
     return value
 
 
-def _write_array(group, name: str, values: np.ndarray):
+#: Compression of the result file's arrays: ``none`` (default) or ``gzip`` (level 4 with
+#: byte shuffle, readable by every HDF5 tool). On the float64 patterns of a scan gzip saves
+#: about 25 % of the file (~1 % of the raw frames' size) for ~1.1 CPU-s per 500 points x
+#: 3000 Q points.
+COMPRESSIONS = ("none", "gzip")
+
+
+def _check_compression(compression: str) -> str:
+    if compression not in COMPRESSIONS:
+        raise ConfigError(f"compression {compression!r}: expected one of {', '.join(COMPRESSIONS)}")
+    return compression
+
+
+def _write_array(group, name: str, values: np.ndarray, compression: str = "none"):
     if values.dtype.kind in "OUS":
         data = np.asarray(values, dtype=object).astype(str).astype(object)
         return group.create_dataset(name, data=data, dtype=h5py.string_dtype())
     if values.dtype.kind == "M":
         values = values.astype("datetime64[ns]").astype(np.int64)
     kwargs = {}
-    if values.size >= 4096:
+    if compression == "gzip" and values.size >= 4096:
         kwargs = {"compression": "gzip", "compression_opts": 4, "shuffle": True, "chunks": True}
     return group.create_dataset(name, data=values, **kwargs)
 
@@ -148,7 +161,7 @@ def _read_array(dset) -> np.ndarray:
     return dset[()]
 
 
-def save_result(ds: xr.Dataset, path: str | Path) -> Path:
+def save_result(ds: xr.Dataset, path: str | Path, *, compression: str = "none") -> Path:
     """Write a result Dataset as one NeXus/HDF5 file, atomically.
 
     Layout: ``/entry`` (NXentry) -> ``/entry/process`` (NXprocess, provenance in its
@@ -157,12 +170,15 @@ def save_result(ds: xr.Dataset, path: str | Path) -> Path:
     ``/entry/process/coordinates`` and hard-linked into each NXdata group.
     Dask-backed variables are computed here.
 
+    ``compression``: ``"none"`` or ``"gzip"`` for arrays of 4096 values or more
+    (:data:`COMPRESSIONS`).
+
     Returns the path written. The file at ``path`` is replaced only once the new file
     is complete. :class:`ResultFile` writes the same file in steps.
     """
     if not isinstance(ds, xr.Dataset):
         raise InputError(f"save_result expected an xarray.Dataset, got {type(ds).__name__}")
-    result = ResultFile(path)
+    result = ResultFile(path, compression=compression)
     try:
         return result.close(ds)
     except BaseException:
@@ -180,8 +196,9 @@ class ResultFile:
     content (the file grows beside it under a temporary name). One thread at a time.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, compression: str = "none") -> None:
         self.path = Path(path)
+        self._compression = _check_compression(compression)
         self._atomic = atomic_output(self.path)
         tmp = self._atomic.__enter__()
         try:
@@ -266,7 +283,7 @@ class ResultFile:
                 continue
             if str(name) in self._coords:
                 del self._coords[str(name)]  # changed: written again
-            dset = _write_array(self._coords, str(name), values)
+            dset = _write_array(self._coords, str(name), values, self._compression)
             dset.attrs["xrdmap_dims"] = list(map(str, coord.dims))
             for k, v in coord.attrs.items():
                 dset.attrs[k] = _attr_out(v)
@@ -281,7 +298,7 @@ class ResultFile:
         group = self._process.create_group(name)
         group.attrs["NX_class"] = "NXdata"
         group.attrs["signal"] = "data"
-        dset = _write_array(group, "data", values)
+        dset = _write_array(group, "data", values, self._compression)
         dset.attrs["xrdmap_dims"] = list(map(str, var.dims))
         dset.attrs["long_name"] = str(var.attrs.get("long_name", name))
         for k, v in var.attrs.items():
