@@ -280,6 +280,19 @@ def test_run_draws_every_figure_once_in_the_usual_order(small_scan, tmp_path):
     assert names == [n for n in expected if n in names] and len(set(names)) == len(names)
     assert {"iq_map", "gr_map", "components_q", "components_r", "phase_fractions", "quality"} <= set(names)
     assert all(p.is_file() for p in outputs.figures) and out.is_file()
+    # the run draws its figures in rounds as their data appear; each must be the figure
+    # `xrdmap figures` draws from the finished result file (the heatmaps in the Q and r
+    # windows the NMF was fitted on, the same zone boundaries); the components are drawn
+    # with the run's references there, with the library here
+    from xrdmap.maps import nmf_ranges, save_figures
+
+    ds = open_result(out)
+    assert nmf_ranges(ds, "q") == [(1.0, 15.0)]
+    redrawn = save_figures(ds, tmp_path / "redrawn", formats=("png",),
+                           what=[n for n in names if not n.startswith("components")])
+    assert len(redrawn) == len(names) - 2
+    for path in redrawn:
+        assert (outputs.figures[0].parent / path.name).read_bytes() == path.read_bytes(), path.name
 
 
 def test_bin_points_averages_and_combines_uncertainties():

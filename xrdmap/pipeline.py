@@ -653,8 +653,8 @@ def analyse(
     The callbacks run in this thread while the helper threads go on with the rest, each
     with a dataset of what exists then (e.g. to save or draw it early):
     ``on_pdf`` with the background-subtracted data and its PDF; ``on_fractions`` with
-    those and the phase fractions; ``on_components(dim, ds)`` with those and the named
-    NMF components in ``dim`` ("q", then "r").
+    those and the phase fractions; ``on_components(dim, ds)``, once the NMF components
+    in ``dim`` ("q", then "r") are named, with those and every decomposition named so far.
     """
 
     if background is not None:
@@ -735,7 +735,9 @@ def _analyse(ds: xr.Dataset, config: RunConfig, log: Log, phases: dict[str, Any]
             names = ", ".join(str(v) for v in res[f"{dim}_component_phase"].values)
             log(f"nmf in {dim}: {res.sizes['component']} components -> {names}")
             if on_components is not None:
-                on_components(dim, with_fractions.merge(_combine_components({dim: res}), compat="override",
+                # every decomposition named so far: the figures colour phases by the
+                # names of all components (xrdmap.maps.phase_colors), as the final result
+                on_components(dim, with_fractions.merge(_combine_components(decomp), compat="override",
                                                         combine_attrs="override"))
         fractions = joint_fit.result()
     ds = ds.merge(_combine_components(decomp), compat="override", combine_attrs="override")
@@ -964,6 +966,11 @@ class _Figures:
         self.dir = stem.parent / f"{stem.name}_figures"
         self._formats = tuple(config.output.formats)
         self._phases = phases
+        # the NMF ranges, as the decompositions record them (the heatmaps show the Q and r
+        # windows the NMF was fitted on): the first round is drawn before they exist
+        d = config.decompose
+        self._nmf_ranges = {f"nmf_{dim}_x_ranges": np.asarray(ranges, dtype=float).ravel()
+                            for dim, ranges in (("q", d.q_ranges), ("r", d.r_ranges)) if ranges}
         self.written: list[Path] = []
         self._drawn: set[str] = set()
         self._zones: tuple[np.ndarray, list[float]] | None = None
@@ -977,12 +984,16 @@ class _Figures:
         self._drawn.update(names)  # a figure without data in ds is not drawn later either
 
     def _with_zones(self, ds: xr.Dataset) -> xr.Dataset:
-        """``ds`` with the zone boundaries of its phase fractions as stored ones
+        """``ds`` with the NMF ranges of the configuration where it has none yet, and the
+        zone boundaries of its phase fractions as stored ones
         (:func:`xrdmap.maps.zone_boundaries`, which prefers boundaries ``ds`` already
         stores): every round draws them, and the fractions do not change between rounds
         (found once, ~0.1 s)."""
         from xrdmap.maps import zone_boundaries
 
+        missing = {k: v for k, v in self._nmf_ranges.items() if k not in ds.attrs}
+        if missing:
+            ds = ds.assign_attrs(missing)
         if "phase_fraction" not in ds:
             return ds
         fractions = ds["phase_fraction"].values
