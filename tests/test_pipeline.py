@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -382,32 +381,3 @@ def test_lower_priority_applies_to_the_calling_thread_only():
     t.join()
     assert seen["helper"] == max(7, before)
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before  # this thread unchanged
-
-
-def test_lower_children_priority_lowers_child_processes_only():
-    # the run's local dask processes shut down at the lowest priority, beside the analysis
-    import os
-
-    from xrdmap.pipeline import _lower_children_priority
-
-    if not sys.platform.startswith("linux"):
-        pytest.skip("process priorities are set on Linux only")
-    child = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; "
-                              "subprocess.run([sys.executable, '-c', 'import time; time.sleep(30)'])"])
-    try:
-        import psutil
-
-        deadline = time.monotonic() + 20
-        while len(psutil.Process(child.pid).children()) < 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        grandchild = psutil.Process(child.pid).children()[0]
-        before = os.getpriority(os.PRIO_PROCESS, 0)
-        _lower_children_priority(19)
-        assert psutil.Process(child.pid).nice() == 19
-        assert grandchild.nice() == 19  # the workers of a nanny too
-        assert os.getpriority(os.PRIO_PROCESS, 0) == before  # this process unchanged
-    finally:
-        for p in psutil.Process(child.pid).children(recursive=True):
-            p.kill()
-        child.kill()
-        child.wait()
