@@ -705,11 +705,11 @@ def test_disk_full_while_writing_the_result(monkeypatch, out):
     real = results._write_array
     calls = []
 
-    def write_some_then_fail(group, name, values):
+    def write_some_then_fail(group, name, values, *options):
         calls.append(name)
         if len(calls) == 3:  # the temporary file already holds a part of the result
             _enospc()
-        return real(group, name, values)
+        return real(group, name, values, *options)
 
     monkeypatch.setattr(results, "_write_array", write_some_then_fail)
     ds = xr.Dataset({"iq": (("point", "q"), np.ones((4, 5))), "gr": (("point", "r"), np.ones((4, 6)))},
@@ -769,10 +769,10 @@ def test_disk_full_while_writing_the_result_of_a_run(scan, tmp_path, out, monkey
                       pdf__enabled=False, phases__names=["LVP"])
     real = results._write_array
 
-    def fail_on_iq(group, name, values):
+    def fail_on_iq(group, name, values, *options):
         if group.name.endswith("/iq"):
             _enospc()
-        return real(group, name, values)
+        return real(group, name, values, *options)
 
     monkeypatch.setattr(results, "_write_array", fail_on_iq)
     with pytest.raises(OutputError, match="No space left on device") as exc:
