@@ -498,3 +498,19 @@ def test_sigma_clipping_removes_planted_spots(ai, extras):
 def test_sigma_clipping_needs_a_positive_threshold():
     with pytest.raises(InputError, match="outlier_sigma"):
         make_spec(PONI, SHAPE, npt=NPT, outlier_sigma=-1)
+
+
+def test_release_engines_drops_the_cache_and_the_numbers_stay(frames):
+    # the run calls it on its local workers once the scan is integrated
+    from xrdmap import integrate
+
+    spec = make_spec(PONI, SHAPE, npt=NPT, q_range=Q_RANGE)
+    engine = get_engine(spec)
+    before = engine.integrate(frames[:2])
+    integrate.release_engines()
+    assert len(integrate._ENGINES) == 0
+    rebuilt = get_engine(spec)
+    assert rebuilt is not engine
+    after = rebuilt.integrate(frames[:2])
+    np.testing.assert_array_equal(after.iq, before.iq)
+    np.testing.assert_array_equal(after.sigma, before.sigma)

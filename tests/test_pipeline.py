@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -381,3 +382,58 @@ def test_lower_priority_applies_to_the_calling_thread_only():
     t.join()
     assert seen["helper"] == max(7, before)
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before  # this thread unchanged
+
+
+def test_lower_children_priority_lowers_child_processes_only():
+    # the run's local dask workers shut down at the lowest priority, beside the analysis
+    import os
+
+    from xrdmap.pipeline import _lower_children_priority
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("process priorities are set on Linux only")
+    child = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; "
+                              "subprocess.run([sys.executable, '-c', 'import time; time.sleep(30)'])"])
+    try:
+        import psutil
+
+        deadline = time.monotonic() + 20
+        while len(psutil.Process(child.pid).children()) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        grandchild = psutil.Process(child.pid).children()[0]
+        before = os.getpriority(os.PRIO_PROCESS, 0)
+        _lower_children_priority(19)
+        assert psutil.Process(child.pid).nice() == 19
+        assert grandchild.nice() == 19  # the workers of a nanny too
+        assert os.getpriority(os.PRIO_PROCESS, 0) == before  # this process unchanged
+    finally:
+        for p in psutil.Process(child.pid).children(recursive=True):
+            p.kill()
+        child.kill()
+        child.wait()
+
+
+def test_close_quietly_releases_local_workers_then_lowers_them(monkeypatch):
+    # after the integration the local workers give back their memory, then exit at nice 19
+    import contextlib
+
+    from xrdmap import pipeline
+    from xrdmap.integrate import release_engines
+
+    steps = []
+
+    class Client:
+        def run(self, fn):
+            steps.append(("run", fn))
+
+    stack = contextlib.ExitStack()
+    stack.callback(lambda: steps.append(("closed",)))
+    monkeypatch.setattr(pipeline, "_lower_children_priority", lambda nice: steps.append(("nice", nice)))
+    pipeline._close_quietly(stack, print, Client())
+    assert steps == [("run", release_engines), ("nice", 19), ("closed",)]
+    # a remote cluster (no local client): closed as it is
+    steps.clear()
+    stack = contextlib.ExitStack()
+    stack.callback(lambda: steps.append(("closed",)))
+    pipeline._close_quietly(stack, print)
+    assert steps == [("closed",)]
