@@ -512,3 +512,26 @@ def test_warm_up_draws_in_memory_only(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert maps.warm_up(("png", "svg", "pdf")) is None
     assert list(tmp_path.iterdir()) == []
+
+
+def test_optimal_segmentation_matches_exhaustive_search():
+    # the dynamic programme behind find_zone_boundaries against every possible cut set
+    from itertools import combinations
+
+    from xrdmap.maps import _optimal_segmentation
+
+    def sse(x, cs):
+        edges = [0, *cs, len(x)]
+        return sum(((x[a:b] - x[a:b].mean(axis=0)) ** 2).sum() for a, b in zip(edges[:-1], edges[1:]))
+
+    rng = np.random.default_rng(11)
+    for n, min_size in ((9, 1), (11, 2), (12, 3)):
+        x = rng.random((n, 3)) + np.repeat(rng.random((3, 3)) * 2, [n // 3, n // 3, n - 2 * (n // 3)], axis=0)
+        found = _optimal_segmentation(x, 4, min_size)
+        for k, cuts in enumerate(found, start=1):
+            allowed = [cs for cs in combinations(range(1, n), k - 1)
+                       if all(b - a >= min_size for a, b in zip([0, *cs], [*cs, n]))]
+            best = min(allowed, key=lambda cs, x=x: sse(x, cs))
+            assert len(cuts) == k - 1 and all(b - a >= min_size for a, b in zip([0, *cuts], [*cuts, n]))
+            assert sse(x, cuts) == pytest.approx(sse(x, best), rel=1e-12, abs=1e-12), (n, min_size, k)
+        assert len(found) == min(4, n // min_size)

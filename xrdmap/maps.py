@@ -900,18 +900,23 @@ def _optimal_segmentation(x: np.ndarray, max_segments: int, min_size: int) -> li
         return (c2[j] - c2[i]) - (s * s).sum(axis=-1) / m
 
     inf = np.inf
+    # every segment's cost once (segment i..j-1 at [i, j]; inf where shorter than min_size)
+    costs = np.full((n + 1, n + 1), inf)
+    for j in range(min_size, n + 1):
+        i = np.arange(j - min_size + 1)
+        costs[i, j] = cost(i, j)
     best = np.full((max_segments + 1, n + 1), inf)
     back = np.zeros((max_segments + 1, n + 1), dtype=int)
     best[0, 0] = 0.0
+    start = np.arange(n + 1)[:, None]
     for k in range(1, max_segments + 1):
-        for j in range(k * min_size, n + 1):
-            i = np.arange((k - 1) * min_size, j - min_size + 1)
-            if i.size == 0:
-                continue
-            total = best[k - 1, i] + cost(i, j)
-            t = int(np.argmin(total))
-            best[k, j] = total[t]
-            back[k, j] = i[t]
+        # the k-th segment ends at j and starts at i, (k - 1) min_size <= i <= j - min_size;
+        # for every j at once (the first of equal totals, as a loop over i would take)
+        total = np.where(start >= (k - 1) * min_size, best[k - 1][:, None] + costs, inf)
+        j = np.arange(k * min_size, n + 1)
+        t = np.argmin(total[:, j], axis=0)
+        best[k, j] = total[t, j]
+        back[k, j] = t
     result = []
     for k in range(1, max_segments + 1):
         if not np.isfinite(best[k, n]):
