@@ -437,3 +437,42 @@ def test_close_quietly_releases_local_workers_then_lowers_them(monkeypatch):
     stack.callback(lambda: steps.append(("closed",)))
     pipeline._close_quietly(stack, print)
     assert steps == [("closed",)]
+
+
+def test_old_objects_are_frozen_during_the_analysis_only(small_scan, tmp_path, monkeypatch):
+    # the objects that exist after the integration stay out of the garbage collector's
+    # collections while the analysis runs; the run leaves the collector as it found it,
+    # also when it fails
+    import gc
+
+    import xrdmap.pipeline as pipeline
+
+    seen = []
+    analyse = pipeline.analyse
+
+    def watched(*args, **kwargs):
+        seen.append(gc.get_freeze_count())
+        return analyse(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "analyse", watched)
+    assert gc.get_freeze_count() == 0
+    run(_config(small_scan, tmp_path / "result.h5", output__figures=False, output__report=False))
+    assert seen[0] > 1000 and gc.get_freeze_count() == 0
+
+    def broken(*_a, **_k):
+        raise RuntimeError("analysis failed")
+
+    monkeypatch.setattr(pipeline, "analyse", broken)
+    with pytest.raises(RuntimeError, match="analysis failed"):
+        run(_config(small_scan, tmp_path / "again.h5", output__figures=False, output__report=False))
+    assert gc.get_freeze_count() == 0
+    # objects a caller froze itself stay frozen, and the run freezes nothing more
+    gc.freeze()
+    try:
+        mine = gc.get_freeze_count()
+        monkeypatch.setattr(pipeline, "analyse", watched)
+        run(_config(small_scan, tmp_path / "third.h5", output__figures=False, output__report=False))
+        # (frozen objects can still be freed by reference counting: the count only falls)
+        assert seen[-1] <= mine and 0 < gc.get_freeze_count() <= mine
+    finally:
+        gc.unfreeze()
