@@ -163,6 +163,31 @@ def test_warm_up_error_is_raised_where_the_analysis_needs_the_phases(small_scan,
         warm.result()
 
 
+def test_warm_up_runs_at_the_lowest_priority_in_its_own_thread(small_scan, tmp_path, monkeypatch):
+    # it uses only CPU the workers integrating beside it leave idle
+    import os
+    import threading
+
+    import xrdmap.pipeline as pipeline
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("threads have their own priority on Linux only")
+    seen = {}
+
+    class Phase:
+        def prepare(self, **_):
+            seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+            seen["thread"] = threading.current_thread().name
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    cfg = _config(small_scan, tmp_path / "w.h5", output__figures=False)
+    warm = pipeline._WarmUp({"P": Phase()}, cfg)
+    warm.start(np.linspace(0.5, 20.0, 100))
+    warm.result()
+    assert seen == {"nice": 19, "thread": "xrdmap-warm-up"}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
+
+
 def test_full_run_writes_a_complete_result(small_scan, tmp_path):
     out = tmp_path / "result.h5"
     cfg = _config(small_scan, out, output__figures=False, output__report=False)
