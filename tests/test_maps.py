@@ -493,7 +493,8 @@ def test_pipeline_figure_rounds_match_one_round_and_find_the_zones_once(result, 
     calls = []
     original = maps.find_zone_boundaries
     monkeypatch.setattr(maps, "find_zone_boundaries", lambda *a, **k: calls.append(1) or original(*a, **k))
-    config = SimpleNamespace(output=SimpleNamespace(formats=["png"]), decompose=SimpleNamespace(q_ranges=None, r_ranges=None))
+    config = SimpleNamespace(output=SimpleNamespace(formats=["png"]),
+                             decompose=SimpleNamespace(q_ranges=None, r_ranges=None))
     figures = pipeline._Figures(config, tmp_path / "run" / "result.h5", None)
     (tmp_path / "run").mkdir()
     early = result.drop_vars([v for v in result.data_vars if v.startswith("nmf_")])

@@ -140,17 +140,17 @@ def _run_stages(config: RunConfig, scan: xr.DataArray, out_path: Path, warm: _Wa
         # exit at the lowest priority). Only a normal exit gets here; an error or an
         # interrupt closes it below, in this thread, through dask_client's quiet teardown.
         local = client if client is not None and c.scheduler is None and c.cluster == "local" else None
-        closing = threading.Thread(target=_close_quietly, args=(cluster, log, local), name="xrdmap-cluster-close",
-                                   daemon=True)
+        closing = threading.Thread(target=_close_quietly, args=(cluster, log, local),
+                                   name="xrdmap-cluster-close", daemon=True)
         closing.start()
         ds = bin_points(ds, config.scan.time_bin, config.scan.time_window)
         phases = warm.result()
         figures = _Figures(config, out_path, phases)
         result = _ResultSaver(out_path, config.output.compression)
         # The patterns go into the result file (a helper thread: HDF5's optional
-        # compression runs without the GIL) as soon as the PDF exists, and the figures of I(Q), G(r), the
-        # fractions and each decomposition are drawn as soon as their data exist, while
-        # the NMF components are named (this thread would only wait there).
+        # compression runs without the GIL) as soon as the PDF exists, and the figures of
+        # I(Q), G(r), the fractions and each decomposition are drawn as soon as their
+        # data exist, while the NMF components are named (this thread would only wait there).
         draw = config.output.figures
         ds = analyse(ds, config, background=background_iq, log=log, phases=phases, on_pdf=result.write_patterns,
                      on_fractions=figures.draw_early if draw else None,
@@ -945,7 +945,8 @@ class _WarmUp:
     and r the analysis reaches (~3 s for the shipped library, otherwise paid after the
     last frame). It runs at nice 19, on the CPU the integrating workers leave idle
     (~15 %: it still ends within ~2.5 s, and the run's integration no longer takes ~1 s
-    longer than the integration alone). :meth:`result` waits for it and returns the phases; an error is re-raised there.
+    longer than the integration alone). :meth:`result` waits for it and returns the
+    phases; an error is re-raised there.
     """
 
     def __init__(self, phases: dict[str, Any], config: RunConfig) -> None:
@@ -1017,16 +1018,16 @@ class _Figures:
         from xrdmap.maps import save_figures
 
         self.dir.mkdir(exist_ok=True)
-        self.written += save_figures(self._with_zones(ds), self.dir, formats=self._formats, what=names,
+        self.written += save_figures(self._drawn_from(ds), self.dir, formats=self._formats, what=names,
                                      phases=self._phases)
         self._drawn.update(names)  # a figure without data in ds is not drawn later either
 
-    def _with_zones(self, ds: xr.Dataset) -> xr.Dataset:
-        """``ds`` with the NMF ranges of the configuration where it has none yet, and the
-        zone boundaries of its phase fractions as stored ones
+    def _drawn_from(self, ds: xr.Dataset) -> xr.Dataset:
+        """What a round draws from: ``ds`` with the NMF ranges of the configuration where it
+        has none yet, and the zone boundaries of its phase fractions as stored ones
         (:func:`xrdmap.maps.zone_boundaries`, which prefers boundaries ``ds`` already
         stores): every round draws them, and the fractions do not change between rounds
-        (found once, ~0.1 s)."""
+        (found once)."""
         from xrdmap.maps import zone_boundaries
 
         missing = {k: v for k, v in self._nmf_ranges.items() if k not in ds.attrs}
