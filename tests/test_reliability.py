@@ -310,6 +310,32 @@ def test_workers_dying_on_a_chunk_is_a_compute_error(scan, tmp_path):
     assert f"frames 2..3 of {frames.attrs['source']}" in message and "died repeatedly" in message
 
 
+def test_a_failing_cluster_teardown_does_not_hide_the_error_of_the_work(monkeypatch):
+    # distributed can raise while a cluster closes after its workers died (a nanny still
+    # restarting one: "AssertionError: can only join a started process"); the error the
+    # user sees must stay the one of the work
+    import contextlib
+
+    from xrdmap import cluster
+    from xrdmap.errors import ComputeError
+
+    @contextlib.contextmanager
+    def teardown_fails(**_):
+        try:
+            yield "client"
+        finally:
+            raise AssertionError("can only join a started process")
+
+    monkeypatch.setattr(cluster, "_open_client", teardown_fails)
+    with pytest.raises(ComputeError, match="frames 2..3"):
+        with cluster.dask_client(workers=2):
+            raise ComputeError("integration of frames 2..3 failed")
+    # without an error of the work, the teardown's error is not hidden
+    with pytest.raises(AssertionError, match="can only join"):
+        with cluster.dask_client(workers=2):
+            pass
+
+
 def test_corrupt_bitshuffle_header_is_an_input_error(scan, tmp_path, out):
     out_path, before = out
     bad = copy_scan(scan, tmp_path / "in")

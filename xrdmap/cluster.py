@@ -45,9 +45,11 @@ def dask_client(
     the client and cluster close: otherwise distributed and tornado log tracebacks and
     "Couldn't gather keys" messages from their event loop during the teardown, which are
     harmless but bury the one-line error the CLI prints. Logging is restored afterwards,
-    so a notebook session carries on as before.
+    so a notebook session carries on as before. An error of the teardown itself does not
+    replace the error of the work.
     """
     previous: int | None = None
+    failed: BaseException | None = None
     try:
         with _open_client(
             workers=workers, threads_per_worker=threads_per_worker, scheduler=scheduler,
@@ -55,10 +57,18 @@ def dask_client(
         ) as client:
             try:
                 yield client
-            except BaseException:
+            except BaseException as exc:
+                failed = exc
                 previous = logging.root.manager.disable
                 logging.disable(logging.CRITICAL)
                 raise
+    except Exception as exc:
+        # A teardown after a failure can fail too (distributed: a nanny still restarting
+        # a worker that died raises AssertionError while its cluster closes): the error
+        # of the work is the one to report.
+        if failed is not None and exc is not failed:
+            raise failed from None
+        raise
     finally:
         if previous is not None:
             logging.disable(previous)
